@@ -1,0 +1,118 @@
+"""Writes random-weight checkpoints in the layout model_impl, vLLM and the server load.
+
+A checkpoint is config.json (with auto_map), generation_config.json, safetensors
+weights, the model code (for trust_remote_code) and the tokenizer. Every tensor gets
+random values, norms and biases included, so a loader that drops or swaps one is
+caught by parity tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .configuration_tablefree import BinaryTableFreeConfig, TableFreeConfig
+from .modeling_tablefree import BinaryTableFreeForCausalLM, TableFreeForCausalLM
+from .tokenizer import build_tokenizer
+
+# "card": the published shape (the config defaults). "tiny": same vocab, 16-bit codes and
+# head_dim 32 (vLLM's CPU attention needs >= 32), small enough for fast tests.
+PRESETS: dict[str, dict] = {
+    "card": {},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256},
+}
+VARIANTS = {
+    "affine": (TableFreeConfig, TableFreeForCausalLM),
+    "binary": (BinaryTableFreeConfig, BinaryTableFreeForCausalLM),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    path: Path
+    parameters: int
+    input_embedding_parameters: int
+
+
+def make_config(preset: str, variant: str = "affine", **overrides) -> TableFreeConfig:
+    """The config of a preset; raises ValueError for an unknown preset/variant or a bad shape."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return VARIANTS[variant][0](**fields)
+
+
+def random_model(config: TableFreeConfig, seed: int, progress: bool = False) -> TableFreeForCausalLM:
+    """A model with seeded random weights, built block by block (a progress bar for big shapes)."""
+    model_class = VARIANTS["binary" if isinstance(config, BinaryTableFreeConfig) else "affine"][1]
+    with torch.device("meta"):
+        model = model_class(config)
+    model.to_empty(device="cpu")
+    model._init_weights(model.model.codes)  # its buffers are derived from the config
+    generator = torch.Generator().manual_seed(seed)
+    std = config.initializer_range
+    blocks = [*model.model.layers, model.model.norm, model.lm_head]
+    for block in tqdm(blocks, desc="random weights", unit="block", disable=not progress):
+        for name, param in block.named_parameters():
+            with torch.no_grad():
+                param.normal_(0.0, std, generator=generator)
+                if isinstance(block, torch.nn.LayerNorm) or "layernorm" in name:
+                    param.add_(1.0 if name.endswith("weight") else 0.0)
+    return model.eval()
+
+
+def input_embedding_parameters(model: TableFreeForCausalLM) -> int:
+    return sum(p.numel() for p in model.get_input_embeddings().parameters())
+
+
+def make_checkpoint(
+    out: str | os.PathLike,
+    config: TableFreeConfig,
+    seed: int = 0,
+    dtype: str = "float32",
+    force: bool = False,
+    max_shard_size: str | None = None,
+    progress: bool = False,
+) -> CheckpointSummary:
+    """Write a checkpoint to `out`, atomically: a failure leaves `out` as it was."""
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = random_model(config, seed, progress).to(DTYPES[dtype])
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(staging, **kwargs)
+        build_tokenizer().save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return CheckpointSummary(out, sum(p.numel() for p in model.parameters()), input_embedding_parameters(model))
+
+
+def default_checkpoint() -> Path:
+    """The embedded default model: a card-shaped random-weight checkpoint, built on first use.
+
+    Kept in $TABLEFREE_CACHE (default ~/.cache/tablefree). Its weights are random: it
+    exercises the serving stack, it does not produce meaningful text.
+    """
+    path = Path(os.environ.get("TABLEFREE_CACHE", Path.home() / ".cache" / "tablefree")) / "demo-card-seed0"
+    if not (path / "config.json").exists():
+        print(f"building the card-shaped demo checkpoint (random weights) in {path}")
+        make_checkpoint(path, make_config("card"), seed=0, force=True, progress=True)
+    return path

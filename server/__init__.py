@@ -1,0 +1,1 @@
+"""The `tablefree` command line (and, later, the OpenAI-compatible server)."""

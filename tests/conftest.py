@@ -1,0 +1,26 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing may come from a model hub, and remote code is cached per test session.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tablefree(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed `tablefree` console script."""
+    exe = Path(sys.executable).with_name("tablefree")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=check, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny fp32 checkpoint written by the project's own tool (shared by the session)."""
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    tablefree("make-checkpoint", str(out), "--preset", "tiny", "--seed", "1")
+    return out
