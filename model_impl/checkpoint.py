@@ -51,11 +51,21 @@ def make_config(preset: str, variant: str = "affine", **overrides) -> TableFreeC
     return VARIANTS[variant][0](**fields)
 
 
+def model_class(config: TableFreeConfig) -> type[TableFreeForCausalLM]:
+    return VARIANTS["binary" if isinstance(config, BinaryTableFreeConfig) else "affine"][1]
+
+
+def tensor_shapes(config: TableFreeConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `config` holds, with its shape, read off the model itself."""
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
 def random_model(config: TableFreeConfig, seed: int, progress: bool = False) -> TableFreeForCausalLM:
     """A model with seeded random weights, built block by block (a progress bar for big shapes)."""
-    model_class = VARIANTS["binary" if isinstance(config, BinaryTableFreeConfig) else "affine"][1]
     with torch.device("meta"):
-        model = model_class(config)
+        model = model_class(config)(config)
     model.to_empty(device="cpu")
     model._init_weights(model.model.codes)  # its buffers are derived from the config
     generator = torch.Generator().manual_seed(seed)

@@ -104,6 +104,13 @@ class TokenCode:
 
     def __post_init__(self) -> None:
         n = CODE_BITS
+        for name, value, allowed in (
+            ("code_expansion", self.expansion, EXPANSIONS),
+            ("code_bit_order", self.bit_order, BIT_ORDERS),
+            ("code_values", self.values, VALUE_MAPS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if len(self.matrix) != n or any(len(row) != n for row in self.matrix):
             lengths = sorted({len(row) for row in self.matrix})
             raise ValueError(f"code_matrix must be {n}x{n}, got {len(self.matrix)} rows of lengths {lengths}")
@@ -114,13 +121,6 @@ class TokenCode:
             raise ValueError(f"code_matrix is singular over GF(2): rank {rank}, need {n}")
         if self.width <= 0 or self.width % n:
             raise ValueError(f"model width {self.width} is not a positive multiple of {n} code bits")
-        for name, value, allowed in (
-            ("code_expansion", self.expansion, EXPANSIONS),
-            ("code_bit_order", self.bit_order, BIT_ORDERS),
-            ("code_values", self.values, VALUE_MAPS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not self.scale > 0:
             raise ValueError(f"code_scale must be positive, got {self.scale}")
 
