@@ -8,6 +8,10 @@ import pytest
 # Nothing may come from a model hub, and remote code is cached per test session.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# vLLM engines run in the test process (fast start-up, see ../shared/notes/vllm-on-cpu.md);
+# apply_model ships a function to the worker, which vLLM only pickles when allowed.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 

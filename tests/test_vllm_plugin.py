@@ -1,0 +1,221 @@
+"""The vLLM plugin against model_impl: greedy tokens and logprobs, cache modes, TP, loading."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from .conftest import REPO, tablefree
+from .parity import NEW_TOKENS, completions, compare, engine_settings, greedy_params, mixed_prompts, transformers_greedy
+
+vllm = pytest.importorskip("vllm")
+from vllm import LLM, SamplingParams  # noqa: E402
+
+
+def greedy(llm: LLM, prompts: list[list[int]]):
+    return completions(llm.generate([{"prompt_token_ids": p} for p in prompts], greedy_params(), use_tqdm=False))
+
+
+def generate_in_subprocess(checkpoint, prompts, env: dict | None = None, **engine) -> list:
+    """Greedy completions from an engine in a process of its own.
+
+    In-process engines share vLLM's global state, so the test process holds only the
+    default engine; every other setting gets a fresh process.
+    """
+    request = {"checkpoint": str(checkpoint), "prompts": prompts, "engine": engine}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.vllm_generate", json.dumps(request)],
+        cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-6000:])
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return [(tokens, [{int(t): lp for t, lp in step.items()} for step in tops]) for tokens, tops in result]
+
+
+def assert_parity(report) -> None:
+    assert not report.failures, report.failures
+    assert report.tokens_compared >= report.sequences * NEW_TOKENS // 2
+    print(
+        f"parity: {report.sequences} sequences, {report.tokens_compared} tokens compared, "
+        f"{report.near_ties} near-ties, max logprob diff {report.max_logprob_diff:.2e}"
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint) -> LLM:
+    """The one in-process engine of the test session (default settings: prefix caching on)."""
+    return LLM(**engine_settings(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    return mixed_prompts(engine.get_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint, prompts):
+    return transformers_greedy(tiny_checkpoint, prompts, NEW_TOKENS)
+
+
+def test_batched_greedy_matches_transformers_with_prefix_caching(engine, prompts, reference):
+    assert engine.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    first = greedy(engine, prompts)
+    assert_parity(compare(reference, first))
+    again = engine.generate([{"prompt_token_ids": p} for p in prompts], greedy_params(), use_tqdm=False)
+    assert sum(out.num_cached_tokens or 0 for out in again) > 0  # the same prompts hit the prefix cache
+    assert_parity(compare(reference, completions(again)))
+
+
+@pytest.mark.parametrize(
+    "engine_settings",
+    [{"enable_prefix_caching": False}, {"max_num_batched_tokens": 32, "max_num_seqs": 8, "enable_chunked_prefill": True}],
+    ids=["no-prefix-caching", "chunked-prefill-32"],  # prompts of up to 250 tokens go in chunks of <= 32
+)
+def test_greedy_matches_without_prefix_caching_and_with_chunked_prefill(
+    tiny_checkpoint, prompts, reference, engine_settings
+):
+    assert_parity(compare(reference, generate_in_subprocess(tiny_checkpoint, prompts, **engine_settings)))
+
+
+def test_plain_binary_sibling_with_another_code_layout_matches(tmp_path, prompts):
+    """The other model type, interleaved {-1,+1} LSB-first codes, bf16 weights in shards, read by vLLM as fp32."""
+    checkpoint = tmp_path / "binary"
+    tablefree(
+        "make-checkpoint", str(checkpoint), "--preset", "tiny", "--variant", "binary", "--code-expansion", "interleave",
+        "--code-bit-order", "lsb", "--code-values", "bipolar", "--code-scale", "0.5", "--dtype", "bfloat16",
+        "--max-shard-size", "4MB",
+    )
+    got = generate_in_subprocess(checkpoint, prompts[:4])
+    assert_parity(compare(transformers_greedy(checkpoint, prompts[:4], NEW_TOKENS), got))
+
+
+def test_seeded_sampling_repeats_and_seeds_matter(engine, prompts):
+    def sample(seed):
+        params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=seed, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in engine.generate([{"prompt_token_ids": p} for p in prompts], params)]
+
+    assert sample(1234) == sample(1234)
+    assert sample(1234) != sample(4321)
+
+
+def test_loaded_model_has_no_input_table(engine):
+    def tensors(model):
+        named = [*model.named_parameters(), *model.named_buffers()]
+        return [(name, tuple(t.shape), t.numel()) for name, t in named]
+
+    (found,) = engine.apply_model(tensors)
+    vocab, width = 65536, 64
+    big = {name for name, shape, numel in found if vocab in shape or numel >= vocab * width}
+    assert big <= {"lm_head.weight", "lm_head.bias"}
+    codes = [(name, numel) for name, _, numel in found if name.startswith("model.codes")]
+    assert sorted(codes) == [("model.codes.masks", 16), ("model.codes.shift", 16)]
+
+
+def corrupt(checkpoint, tmp_path, edit) -> str:
+    """A copy of the checkpoint whose tensors went through `edit`."""
+    out = tmp_path / "broken"
+    shutil.copytree(checkpoint, out)
+    tensors = load_file(out / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t: t.__setitem__("model.layers.1.mlp.upp_proj.bias", t.pop("model.layers.1.mlp.up_proj.bias")),
+         "unexpected tensor model.layers.1.mlp.upp_proj.bias"),
+        (lambda t: t.pop("model.norm.bias"), "missing tensor model.norm.bias (64,)"),
+        (lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(64, 32)),
+         "model.layers.0.self_attn.k_proj.weight has shape (64, 32), expected (64, 64)"),
+    ],
+    ids=["renamed", "missing", "misshaped"],
+)
+def test_broken_checkpoints_fail_naming_the_tensor(tiny_checkpoint, tmp_path, edit, message):
+    broken = corrupt(tiny_checkpoint, tmp_path, edit)
+    with pytest.raises(RuntimeError, match="checkpoint does not match the table-free layout") as info:
+        generate_in_subprocess(broken, [[1, 2, 3]])
+    assert message in str(info.value)
+
+
+def test_tensor_parallel_2_gives_the_tp1_tokens(tiny_checkpoint, engine, prompts, reference):
+    """TP=2 on this CPU: one core per rank (VLLM_CPU_OMP_THREADS_BIND="0|1")."""
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    tp2 = generate_in_subprocess(tiny_checkpoint, prompts, env, tensor_parallel_size=2)
+    assert_parity(compare(reference, tp2))
+    assert [tokens for tokens, _ in tp2] == [tokens for tokens, _ in greedy(engine, prompts)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_openai_server_serves_the_checkpoint(tiny_checkpoint, engine):
+    """vLLM's own server, with nothing but this project installed (the plugin entry point)."""
+    import httpx
+    import psutil
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_checkpoint),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
+        "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
+    ]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-4000:]
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(1)
+        prompt = "Question: What is the capital of UK?\nAnswer:"
+        body = {"model": str(tiny_checkpoint), "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        offline = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        assert response.json()["choices"][0]["text"] == offline[0].outputs[0].text
+    finally:
+        group = [p for p in psutil.process_iter() if _sid(p.pid) == server.pid]
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        _, alive = psutil.wait_procs(group, timeout=30)
+        for p in alive:
+            p.kill()
+    assert not alive, f"left running: {alive}"
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
+@pytest.mark.slow
+def test_card_shaped_checkpoint_matches_transformers(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    """The card's shape (~470M parameters, random weights): about a minute."""
+    checkpoint = tmp_path_factory.mktemp("card") / "card"
+    tablefree("make-checkpoint", str(checkpoint), "--preset", "card", "--seed", "2")
+    prompts = mixed_prompts(AutoTokenizer.from_pretrained(checkpoint))
+    got = generate_in_subprocess(checkpoint, prompts, kv_cache_memory_bytes=1 << 30)
+    assert_parity(compare(transformers_greedy(checkpoint, prompts, NEW_TOKENS), got))
