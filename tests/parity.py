@@ -5,12 +5,20 @@ different tokens, each pick must be in the other side's top-2 with a logprob gap
 1e-4; the comparison of that sequence stops there and the case is counted.
 """
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+import model_impl  # noqa: F401  registers the Auto classes
+
 TIE_GAP = 1e-4
+REPO = Path(__file__).resolve().parents[1]
 
 
 def mixed_prompts(tokenizer, count: int = 8) -> list[list[int]]:
@@ -120,3 +128,20 @@ def greedy_params(**overrides):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True, **overrides)
+
+
+def generate_in_subprocess(checkpoint, prompts, env: dict | None = None, **engine) -> list:
+    """Greedy completions from an engine in a process of its own.
+
+    In-process engines share vLLM's global state, so the test process holds only the
+    default engine; every other setting gets a fresh process.
+    """
+    request = {"checkpoint": str(checkpoint), "prompts": prompts, "engine": engine}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.vllm_generate", json.dumps(request)],
+        cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-6000:])
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return [(tokens, [{int(t): lp for t, lp in step.items()} for step in tops]) for tokens, tops in result]

@@ -1,20 +1,20 @@
 """The vLLM plugin against model_impl: greedy tokens and logprobs, cache modes, TP, loading."""
 
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .conftest import REPO, tablefree
-from .parity import NEW_TOKENS, completions, compare, engine_settings, greedy_params, mixed_prompts, transformers_greedy
+from .conftest import tablefree
+from .live_server import free_port, live_server
+from .parity import (
+    NEW_TOKENS, completions, compare, engine_settings, generate_in_subprocess, greedy_params, mixed_prompts,
+    transformers_greedy,
+)
 
 vllm = pytest.importorskip("vllm")
 from vllm import LLM, SamplingParams  # noqa: E402
@@ -22,23 +22,6 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 def greedy(llm: LLM, prompts: list[list[int]]):
     return completions(llm.generate([{"prompt_token_ids": p} for p in prompts], greedy_params(), use_tqdm=False))
-
-
-def generate_in_subprocess(checkpoint, prompts, env: dict | None = None, **engine) -> list:
-    """Greedy completions from an engine in a process of its own.
-
-    In-process engines share vLLM's global state, so the test process holds only the
-    default engine; every other setting gets a fresh process.
-    """
-    request = {"checkpoint": str(checkpoint), "prompts": prompts, "engine": engine}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.vllm_generate", json.dumps(request)],
-        cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
-    )
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-6000:])
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    return [(tokens, [{int(t): lp for t, lp in step.items()} for step in tops]) for tokens, tops in result]
 
 
 def assert_parity(report) -> None:
@@ -156,57 +139,21 @@ def test_tensor_parallel_2_gives_the_tp1_tokens(tiny_checkpoint, engine, prompts
     assert [tokens for tokens, _ in tp2] == [tokens for tokens, _ in greedy(engine, prompts)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_openai_server_serves_the_checkpoint(tiny_checkpoint, engine):
     """vLLM's own server, with nothing but this project installed (the plugin entry point)."""
-    import httpx
-    import psutil
-
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_checkpoint),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
         "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
     ]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-4000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(1)
-        prompt = "Question: What is the capital of UK?\nAnswer:"
+    prompt = "Question: What is the capital of UK?\nAnswer:"
+    with live_server(cmd, port) as base:
         body = {"model": str(tiny_checkpoint), "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
         response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        offline = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        assert response.json()["choices"][0]["text"] == offline[0].outputs[0].text
-    finally:
-        group = [p for p in psutil.process_iter() if _sid(p.pid) == server.pid]
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-        _, alive = psutil.wait_procs(group, timeout=30)
-        for p in alive:
-            p.kill()
-    assert not alive, f"left running: {alive}"
-
-
-def _sid(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except ProcessLookupError:
-        return None
+    assert response.status_code == 200, response.text
+    offline = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert response.json()["choices"][0]["text"] == offline[0].outputs[0].text
 
 
 @pytest.mark.slow
