@@ -60,6 +60,26 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from .app import create_app
+    from .engine import build_engine
+    from .settings import ServerSettings
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    try:
+        settings = ServerSettings(**given)  # flags override TABLEFREE_* environment variables
+    except ValidationError as err:
+        print(f"tablefree serve: error: {err}", file=sys.stderr)
+        return 2
+    engine, served = build_engine(settings)
+    app = create_app(settings, engine, served)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tablefree", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="checkpoint directory (default: the card-shaped demo, built on first use)")
     gen.add_argument("--max-new-tokens", type=int, default=3)
     gen.set_defaults(func=generate_command)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible server (env: TABLEFREE_<OPTION>)")
+    serve.add_argument("--model", help="checkpoint directory (default: the card-shaped demo, random weights)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
+    serve.add_argument("--served-model-name")
+    serve.add_argument("--max-model-len", type=int)
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--kv-cache-gb", type=float)
+    serve.add_argument("--tensor-parallel-size", type=int)
+    serve.add_argument("--max-concurrent-requests", type=int)
+    serve.add_argument("--max-request-bytes", type=int)
+    serve.add_argument("--seed", type=int)
+    serve.set_defaults(func=serve_command)
     return parser
 
 
