@@ -24,20 +24,28 @@ def table_free_checkpoint(size: str) -> Path:
     return path
 
 
-def gpt2_checkpoint(size: str) -> Path:
-    """vLLM's in-tree GPT-2 with our shape (width, depth, heads, vocab, 4x GELU MLP, biases), random weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def in_tree_checkpoint(kind: str, size: str) -> Path:
+    """A vLLM in-tree architecture with our shape (width, depth, heads, vocab, 4x GELU MLP), random weights.
 
-    path = CACHE / f"gpt2-{PRESET[size]}"
+    "gpt2": LayerNorm, biases, learned positions. "gptj": LayerNorm, rotary over the whole head,
+    lm_head bias, one norm per block (parallel attention and MLP). Both have an input table.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM
+
+    path = CACHE / f"{kind}-{PRESET[size]}"
     if (path / "config.json").exists():
         return path
     ours = make_config(PRESET[size])
-    config = GPT2Config(vocab_size=ours.vocab_size, n_embd=ours.hidden_size, n_layer=ours.num_hidden_layers,
-                        n_head=ours.num_attention_heads, n_positions=ours.max_position_embeddings,
-                        activation_function="gelu", tie_word_embeddings=False, bos_token_id=ours.bos_token_id,
-                        eos_token_id=ours.eos_token_id)
+    shape = dict(vocab_size=ours.vocab_size, n_embd=ours.hidden_size, n_layer=ours.num_hidden_layers,
+                 n_head=ours.num_attention_heads, n_positions=ours.max_position_embeddings,
+                 activation_function="gelu", tie_word_embeddings=False, bos_token_id=ours.bos_token_id,
+                 eos_token_id=ours.eos_token_id)
+    config_class, model_class, extra = {
+        "gpt2": (GPT2Config, GPT2LMHeadModel, {}),
+        "gptj": (GPTJConfig, GPTJForCausalLM, {"rotary_dim": ours.head_dim}),
+    }[kind]
     with torch.device("meta"):
-        model = GPT2LMHeadModel(config)
+        model = model_class(config_class(**shape, **extra))
     model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -159,19 +159,22 @@ def encode(
 ) -> torch.Tensor:
     """Token ids (any shape) -> codes of shape (*ids.shape, width) in `dtype`.
 
-    `masks` (int64[16]) and `shift` (int64[16]) are `code.row_masks(code.matrix)` and
+    `masks` (int32[16]) and `shift` (int32[16]) are `code.row_masks(code.matrix)` and
     `code.shift` as tensors on the ids' device; TokenCoder holds them as buffers.
     """
-    bits = _parity16(ids.long().unsqueeze(-1) & masks) ^ shift  # (..., 16) in {0, 1}
+    bits = _parity16(ids.int().unsqueeze(-1) & masks) ^ shift  # (..., 16) in {0, 1}; 16-bit ids fit int32
     values = bits.to(dtype)
     if code.values == "bipolar":
         values = values * 2 - 1
     if code.scale != 1.0:
         values = values * code.scale
+    # One strided copy into the output (expand + reshape is faster than repeat for 16-bit dtypes).
     copies = code.width // CODE_BITS
+    lead = values.shape[:-1]
     if code.expansion == "tile":  # x[k] = c~[k % 16]
-        return values.repeat(*([1] * (values.dim() - 1)), copies)
-    return values.repeat_interleave(copies, dim=-1)  # x[k] = c~[k // copies]
+        return values.unsqueeze(-2).expand(*lead, copies, CODE_BITS).reshape(*lead, code.width)
+    # interleave: x[k] = c~[k // copies]
+    return values.unsqueeze(-1).expand(*lead, CODE_BITS, copies).reshape(*lead, code.width)
 
 
 def decode(codes: torch.Tensor, code: TokenCode) -> torch.Tensor:
@@ -200,10 +203,10 @@ class TokenCoder(nn.Module):
         self.register_buffer("shift", self.shift_tensor(), persistent=False)
 
     def mask_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.code.row_masks(self.code.matrix), dtype=torch.long)
+        return torch.tensor(self.code.row_masks(self.code.matrix), dtype=torch.int32)
 
     def shift_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.code.shift, dtype=torch.long)
+        return torch.tensor(self.code.shift, dtype=torch.int32)
 
     def forward(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return encode(ids, self.masks, self.shift, self.code, dtype)

@@ -106,8 +106,9 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> FastAPI
                 admission.leave()
             yield {"data": "[DONE]"}
 
-        # Keep-alive comments every 15 s keep proxies from closing streams that wait in the queue.
-        return EventSourceResponse(events(), ping=15)
+        # "\n" framing, as OpenAI and vLLM send it (some clients split only on "\n\n"); keep-alive
+        # comments every 15 s keep proxies from closing streams that wait in the queue.
+        return EventSourceResponse(events(), ping=15, sep="\n")
 
     @app.post("/v1/chat/completions")
     async def chat_completions():

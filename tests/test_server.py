@@ -71,6 +71,15 @@ def test_streaming_matches_the_plain_response_and_reports_usage(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
 
 
+def test_stream_framing_is_plain_sse(server):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    raw = httpx.post(f"{server}/v1/completions", json=body, headers=auth(), timeout=60).content.decode()
+    events = raw.split("\n\n")
+    assert "\r" not in raw and events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert '"usage"' in events[-3]
+
+
 def test_logprobs_and_echo(client, tiny_checkpoint):
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     response = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3,
