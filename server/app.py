@@ -1,7 +1,6 @@
 """The FastAPI app: OpenAI-compatible routes over one in-process vLLM AsyncLLM."""
 
 import hmac
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 

@@ -1,6 +1,5 @@
 """The vLLM plugin against model_impl: greedy tokens and logprobs, cache modes, TP, loading."""
 
-import os
 import shutil
 import sys
 
