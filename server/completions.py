@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vllm import SamplingParams
 from vllm.exceptions import VLLMClientError
@@ -38,12 +38,17 @@ class Prompt:
 
 
 @dataclass
-class Choice:
+class Delta:
+    """What one choice gains from one engine output (or from echoing its prompt)."""
+
     index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: dict | None = None
+    text: str
+    logprobs: dict | None  # OpenAI logprobs lists for the new tokens
     finish_reason: str | None = None
+    tokens: int = 0  # generated tokens in it
+
+
+LOGPROB_KEYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
 
 
 class Completions:
@@ -142,7 +147,7 @@ class Completions:
     # ---- responses -------------------------------------------------------------------------
     def logprobs_part(self, token_ids, entries, offset: int) -> tuple[dict, int]:
         """OpenAI logprobs for tokens with vLLM logprob dicts (None: no logprob, first prompt token)."""
-        part = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        part = {key: [] for key in LOGPROB_KEYS}
         for token, entry in zip(token_ids, entries):
             text = entry[token].decoded_token if entry else self.tokenizer.decode([token])
             part["tokens"].append(text)
@@ -168,59 +173,50 @@ class Completions:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    async def complete(self, req: CompletionRequest, prompts: list[Prompt], params: SamplingParams) -> dict:
-        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        choices = {i * req.n + j: Choice(i * req.n + j) for i in range(len(prompts)) for j in range(req.n)}
-        offsets: dict[int, int] = {}
+    async def deltas(self, req: CompletionRequest, prompts: list[Prompt], params: SamplingParams, request_id: str):
+        """What each choice gains as outputs arrive: the echoed prompt first, then generated deltas."""
+        offsets: dict[int, int] = {}  # per choice: text length so far, for logprobs' text_offset
+        want_logprobs = req.logprobs is not None
         async for i, out in self.merged(prompts, params, request_id):
             for sample in out.outputs:
-                choice = choices[i * req.n + sample.index]
-                if choice.index not in offsets:
-                    offsets[choice.index] = 0
+                index = i * req.n + sample.index
+                if index not in offsets:
+                    offsets[index] = 0
                     if req.echo:
-                        choice.text, choice.logprobs, offsets[choice.index] = self.echo_parts(
-                            prompts[i], out, req.logprobs is not None)
-                    if req.logprobs is not None and choice.logprobs is None:
-                        choice.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-                choice.text += sample.text
-                choice.token_ids += sample.token_ids
-                if req.logprobs is not None:
-                    part, offsets[choice.index] = self.logprobs_part(sample.token_ids, sample.logprobs,
-                                                                     offsets[choice.index])
-                    for key, values in part.items():
-                        choice.logprobs[key] += values
-                choice.finish_reason = sample.finish_reason or choice.finish_reason
-        return {
-            **self.header(request_id, created),
-            "choices": [
-                {"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
-                for c in choices.values()
-            ],
-            "usage": self.usage(prompts, sum(len(c.token_ids) for c in choices.values())),
+                        text, logprobs, offsets[index] = self.echo_parts(prompts[i], out, want_logprobs)
+                        yield Delta(index, text, logprobs)
+                logprobs = None
+                if want_logprobs:
+                    logprobs, offsets[index] = self.logprobs_part(sample.token_ids, sample.logprobs, offsets[index])
+                yield Delta(index, sample.text, logprobs, sample.finish_reason, len(sample.token_ids))
+
+    async def complete(self, req: CompletionRequest, prompts: list[Prompt], params: SamplingParams) -> dict:
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        choices = {
+            index: {"index": index, "text": "", "finish_reason": None,
+                    "logprobs": {key: [] for key in LOGPROB_KEYS} if req.logprobs is not None else None}
+            for index in range(len(prompts) * req.n)
         }
+        completion_tokens = 0
+        async for delta in self.deltas(req, prompts, params, request_id):
+            choice = choices[delta.index]
+            choice["text"] += delta.text
+            for key, values in (delta.logprobs or {}).items():
+                choice["logprobs"][key] += values
+            choice["finish_reason"] = delta.finish_reason or choice["finish_reason"]
+            completion_tokens += delta.tokens
+        return {**self.header(request_id, created), "choices": list(choices.values()),
+                "usage": self.usage(prompts, completion_tokens)}
 
     async def stream(self, req: CompletionRequest, prompts: list[Prompt], params: SamplingParams) -> AsyncIterator[dict]:
         """Chunks (dicts) of a streamed completion; the caller adds SSE framing and [DONE]."""
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         header = self.header(request_id, created)
-        offsets: dict[int, int] = {}
         completion_tokens = 0
-        async for i, out in self.merged(prompts, params, request_id):
-            for sample in out.outputs:
-                index = i * req.n + sample.index
-                text, logprobs = sample.text, None
-                if index not in offsets:
-                    offsets[index] = 0
-                    if req.echo:
-                        echo_text, echo_logprobs, offsets[index] = self.echo_parts(
-                            prompts[i], out, req.logprobs is not None)
-                        yield {**header, "choices": [
-                            {"index": index, "text": echo_text, "logprobs": echo_logprobs, "finish_reason": None}]}
-                if req.logprobs is not None:
-                    logprobs, offsets[index] = self.logprobs_part(sample.token_ids, sample.logprobs, offsets[index])
-                completion_tokens += len(sample.token_ids)
-                if text or sample.finish_reason or logprobs and logprobs["tokens"]:
-                    yield {**header, "choices": [
-                        {"index": index, "text": text, "logprobs": logprobs, "finish_reason": sample.finish_reason}]}
+        async for delta in self.deltas(req, prompts, params, request_id):
+            completion_tokens += delta.tokens
+            if delta.text or delta.finish_reason or delta.logprobs and delta.logprobs["tokens"]:
+                yield {**header, "choices": [{"index": delta.index, "text": delta.text, "logprobs": delta.logprobs,
+                                              "finish_reason": delta.finish_reason}]}
         if req.stream_options and req.stream_options.include_usage:
             yield {**header, "choices": [], "usage": self.usage(prompts, completion_tokens)}
