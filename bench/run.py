@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from model_impl.checkpoint import make_checkpoint, make_config
+from model_impl.checkpoint import default_checkpoint, make_checkpoint, make_config
 from model_impl.tokenizer import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +17,9 @@ PRESET = {"smoke": "tiny", "full": "card"}
 
 
 def table_free_checkpoint(size: str) -> Path:
-    """Ours: the card shape (full) or the tiny one (smoke), fp32 on disk; cached."""
+    """Ours, fp32 on disk: full is the server's card-shaped demo checkpoint; smoke a cached tiny one."""
+    if size == "full":
+        return default_checkpoint()
     path = CACHE / f"tablefree-{PRESET[size]}"
     if not (path / "config.json").exists():
         make_checkpoint(path, make_config(PRESET[size]), seed=0, force=True, progress=True)
