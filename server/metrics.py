@@ -23,6 +23,8 @@ class Metrics:
         self.waiting = Gauge("tablefree_num_requests_waiting", "Engine requests before their first token", registry=r)
         unfinished = Gauge("tablefree_engine_unfinished_requests", "Requests the engine still holds", registry=r)
         unfinished.set_function(engine_unfinished)
+        self.admitted = Gauge("tablefree_admitted_sequences", "Sequences holding a slot of --max-concurrent-requests",
+                              registry=r)
 
 
 class RequestTimer:
