@@ -28,3 +28,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     tablefree("make-checkpoint", str(out), "--preset", "tiny", "--seed", "1")
     return out
+
+
+KEY = "sk-tablefree-test"
+PROMPT = "Question: What is the capital of UK?\nAnswer:"
+
+
+def serve_cmd(checkpoint, port: int, *extra: str) -> list[str]:
+    """`tablefree serve` for tests: exact fp32, a small KV cache."""
+    return [sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+            "--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.25", *extra]
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint):
+    """The main server of the test session: the tiny checkpoint as "tiny", behind an API key."""
+    from .live_server import free_port, live_server
+
+    pytest.importorskip("vllm")
+    port = free_port()
+    with live_server(serve_cmd(tiny_checkpoint, port, "--api-key", KEY, "--served-model-name", "tiny"), port) as base:
+        yield base

@@ -1,6 +1,7 @@
 """Servers under test, as real processes on 127.0.0.1: started, awaited, stopped by PID."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,46 +20,81 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _session_of(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except ProcessLookupError:
-        return None
+def session_processes(leader: int) -> list[psutil.Process]:
+    """Every process in the session `leader` started (servers run with start_new_session)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == leader:
+                found.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return found
 
 
-@contextmanager
-def live_server(
-    cmd: list[str], port: int, env: dict | None = None, timeout: float = 300, cwd=None
-) -> Iterator[str]:
-    """Run `cmd` (a server on `port`) in its own session; yield its base URL once /health is 200.
+class ServerProcess:
+    """A server command in its own session, its output in a temporary file (never a pipe it could fill)."""
 
-    On exit the whole session gets SIGTERM, and the test fails if any process of it is left.
-    """
-    log = tempfile.TemporaryFile()  # not a pipe: a chatty server must never block on a full one
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                              cwd=cwd, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    def __init__(self, cmd: list[str], port: int, env: dict | None = None, cwd=None) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     cwd=cwd, start_new_session=True)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def wait_healthy(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if server.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited {server.returncode}: {log.read().decode()[-6000:]}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()[-6000:]}")
             try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not become healthy")
             time.sleep(0.5)
-        yield base
-    finally:
-        group = [p for p in psutil.process_iter() if _session_of(p.pid) == server.pid]
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+
+    def stop(self) -> list[psutil.Process]:
+        """SIGTERM to the whole session; returns what is still running after 30 s (then killed)."""
+        group = session_processes(self.proc.pid)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=90)
         _, alive = psutil.wait_procs(group, timeout=30)
         for p in alive:
             p.kill()
-        log.close()
+        self.log.close()
+        return alive
+
+
+@contextmanager
+def live_server(cmd: list[str], port: int, env: dict | None = None, timeout: float = 300, cwd=None) -> Iterator[str]:
+    """Run `cmd` (a server on `port`); yield its base URL once /health is 200.
+
+    On exit the whole session gets SIGTERM, and the test fails if any process of it is left.
+    """
+    server = ServerProcess(cmd, port, env, cwd)
+    try:
+        server.wait_healthy(timeout)
+        yield server.base
+    finally:
+        alive = server.stop()
     assert not alive, f"left running after SIGTERM: {alive}"
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def wait_for_metric(base: str, name: str, value: float, within: float) -> float:
+    """The metric once it equals `value`, or its last reading after `within` seconds."""
+    deadline = time.monotonic() + within
+    while (current := metric(base, name)) != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return current

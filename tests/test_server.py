@@ -3,7 +3,6 @@
 import asyncio
 import re
 import shutil
-import sys
 
 import httpx
 import openai
@@ -14,25 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import model_impl  # noqa: F401  registers the Auto classes
 
+from .conftest import KEY, PROMPT, auth, serve_cmd
 from .live_server import free_port, live_server
 from .parity import generate_in_subprocess
 
 pytest.importorskip("vllm")
-
-KEY = "sk-tablefree-test"
-PROMPT = "Question: What is the capital of UK?\nAnswer:"
-
-
-def serve_cmd(checkpoint, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "serve", "--model", str(checkpoint), "--port", str(port), "--dtype", "float32",
-            "--max-model-len", "512", "--kv-cache-gb", "0.25", *extra]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    port = free_port()
-    with live_server(serve_cmd(tiny_checkpoint, port, "--api-key", KEY, "--served-model-name", "tiny"), port) as base:
-        yield base
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +28,6 @@ def client(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def aclient(server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
-
-
-def auth() -> dict:
-    return {"Authorization": f"Bearer {KEY}"}
 
 
 def test_greedy_completions_equal_the_offline_engine(client, tiny_checkpoint):
@@ -141,40 +122,9 @@ def test_64_concurrent_requests_equal_the_same_requests_one_at_a_time(server):
     assert together == alone
 
 
-def _metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
-
-
-def test_disconnected_streams_are_aborted_in_the_engine(server):
-    async def disconnect_ten():
-        async with httpx.AsyncClient(base_url=server, headers=auth(), timeout=60) as http:
-            async def one(i):
-                body = {"model": "tiny", "prompt": f"long {i}", "max_tokens": 400, "ignore_eos": True, "stream": True}
-                async with http.stream("POST", "/v1/completions", json=body) as response:
-                    assert response.status_code == 200
-                    lines = response.aiter_lines()
-                    while not (await anext(lines)).startswith("data: {"):
-                        pass
-                # leaving the block closes the connection mid-stream
-
-            await asyncio.gather(*(one(i) for i in range(10)))
-
-    asyncio.run(disconnect_ten())
-    for _ in range(50):
-        if _metric(server, "tablefree_engine_unfinished_requests") == 0:
-            break
-        asyncio.run(asyncio.sleep(0.2))
-    assert _metric(server, "tablefree_engine_unfinished_requests") == 0
-    assert _metric(server, "tablefree_num_requests_running") == 0
-    assert _metric(server, "tablefree_num_requests_waiting") == 0
-    # each was stopped long before its 400 tokens
-    assert _metric(server, "tablefree_generation_tokens_total") < 10 * 400
-
-
 def test_sdk_raises_its_own_exception_types(client, server):
     with pytest.raises(openai.BadRequestError) as bad:
-        client.completions.create(model="tiny", prompt=PROMPT, logprobs=9)
+        client.completions.create(model="tiny", prompt=PROMPT, logprobs=21)
     assert bad.value.body["param"] == "logprobs"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt=PROMPT)
@@ -183,74 +133,6 @@ def test_sdk_raises_its_own_exception_types(client, server):
             model="tiny", prompt=PROMPT)
     with pytest.raises(openai.NotFoundError, match="base model"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
-
-
-BIG = "x" * (5 << 20)
-MALFORMED = [
-    # (body, expected status, expected param)
-    ({"prompt": PROMPT}, 400, "model"),
-    ({"model": "tiny"}, 400, "prompt"),
-    ({"model": "tiny", "prompt": ""}, 400, "prompt"),
-    ({"model": "tiny", "prompt": []}, 400, "prompt"),
-    ({"model": "tiny", "prompt": [[]]}, 400, "prompt"),
-    ({"model": "tiny", "prompt": [1, "a"]}, 400, "prompt"),
-    ({"model": "tiny", "prompt": [65536]}, 400, "prompt"),
-    ({"model": "tiny", "prompt": [[1, 2], [-1]]}, 400, "prompt"),
-    ({"model": "tiny", "prompt": 42}, 400, "prompt"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "x", "max_tokens": 600}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "x" * 600}, 400, "prompt"),
-    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
-    ({"model": "tiny", "prompt": "x", "top_k": -5}, 400, "top_k"),
-    ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
-    ({"model": "tiny", "prompt": "x", "logprobs": 1.5}, 400, "logprobs"),
-    ({"model": "tiny", "prompt": "x", "logprobs": "3"}, 400, "logprobs"),
-    ({"model": "tiny", "prompt": "x", "logprobs": 6}, 400, "logprobs"),
-    ({"model": "tiny", "prompt": "x", "stop": [""]}, 400, "stop"),
-    ({"model": "tiny", "prompt": "x", "stop": 5}, 400, "stop"),
-    ({"model": "tiny", "prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
-    ({"model": "tiny", "prompt": "x", "logit_bias": {"70000": 1}}, 400, "logit_bias"),
-    ({"model": "tiny", "prompt": "x", "logit_bias": {"5": 500}}, 400, "logit_bias"),
-    ({"model": "tiny", "prompt": "x", "stop_token_ids": [99999]}, 400, "stop_token_ids"),
-    ({"model": "tiny", "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
-    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ({"model": "tiny", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, 400,
-     "stream_options.include_usage"),
-    ({"model": "tiny", "prompt": "x", "best_of": 3}, 400, "best_of"),
-    ({"model": "tiny", "prompt": "x", "suffix": "!"}, 400, "suffix"),
-    ({"model": "tiny", "prompt": "x", "temprature": 0.5}, 400, "temprature"),
-    ({"model": "nope", "prompt": "x"}, 404, "model"),
-    ({"model": "tiny", "prompt": BIG}, 413, None),
-]
-
-
-@pytest.mark.parametrize("body,status,param", MALFORMED, ids=[f"{i}-{p}" for i, (_, _, p) in enumerate(MALFORMED)])
-def test_malformed_requests_get_openai_errors(server, body, status, param):
-    response = httpx.post(f"{server}/v1/completions", json=body, headers=auth(), timeout=60)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
-    assert httpx.get(f"{server}/health").status_code == 200
-
-
-@pytest.mark.parametrize(
-    "request_args,status",
-    [
-        ({"content": b"{not json", "headers": {**auth(), "content-type": "application/json"}}, 400),
-        ({"content": b"[1, 2]", "headers": {**auth(), "content-type": "application/json"}}, 400),
-        ({"json": {"model": "tiny", "prompt": "x"}, "headers": {"Authorization": "Bearer wrong"}}, 401),
-        ({"json": {"model": "tiny", "prompt": "x"}, "headers": {"Authorization": f"Basic {KEY}"}}, 401),
-        ({"json": {"model": "tiny", "prompt": "x"}, "headers": {}}, 401),
-    ],
-    ids=["invalid-json", "not-an-object", "wrong-key", "not-bearer", "no-key"],
-)
-def test_raw_http_errors(server, request_args, status):
-    response = httpx.post(f"{server}/v1/completions", timeout=60, **request_args)
-    assert response.status_code == status, response.text
-    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_models_tokenize_detokenize_health_metrics(server, tiny_checkpoint):
@@ -302,10 +184,25 @@ def emoji_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_server(emoji_checkpoint):
-    """A second server: the emoji model, at most one request in flight."""
+    """A second server: the emoji model, at most one sequence in flight, unknown fields refused."""
     port = free_port()
-    with live_server(serve_cmd(emoji_checkpoint, port, "--max-concurrent-requests", "1"), port) as base:
+    with live_server(serve_cmd(emoji_checkpoint, port, "--max-concurrent-requests", "1", "--strict-fields"),
+                     port) as base:
         yield base
+
+
+def test_logprob_tokens_and_offsets_around_characters_split_over_byte_tokens(small_server, emoji_checkpoint):
+    """Each byte token is named by its piece, and every byte of a character points at where it starts."""
+    client = openai.OpenAI(base_url=f"{small_server}/v1", api_key="unused", max_retries=0)
+    kwargs = dict(model=str(emoji_checkpoint), prompt=[ord("a")], max_tokens=8, temperature=0, logprobs=1)
+    plain = client.completions.create(**kwargs).choices[0]
+    assert plain.text == "😀😀"
+    assert plain.logprobs.tokens == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"] * 2
+    assert plain.logprobs.text_offset == [0, 0, 0, 0, 1, 1, 1, 1]
+    echoed = client.completions.create(**kwargs, echo=True).choices[0]
+    assert echoed.text == "a😀😀" and echoed.logprobs.text_offset == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**kwargs, stream=True)]
+    assert sum((lp.text_offset for lp in streamed), []) == plain.logprobs.text_offset
 
 
 def test_streamed_multibyte_characters_are_never_split(small_server, emoji_checkpoint):
@@ -339,3 +236,94 @@ def test_concurrency_limit_answers_429_with_retry_after(small_server, emoji_chec
     assert second.status_code == 429 and second.headers["retry-after"] == "1"
     assert second.json()["error"]["type"] == "rate_limit_error"
     assert third.status_code == 200
+
+
+def test_null_means_the_default_as_the_sdk_sends_it(client):
+    """The openai SDK sends `null` for every parameter a caller sets to None; vLLM reads it as the default."""
+    kwargs = dict(model="tiny", prompt=PROMPT, seed=5, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kwargs)
+    nulls = client.completions.create(
+        **kwargs, max_tokens=None, temperature=None, top_p=None, n=None, stream=None, echo=None, logprobs=None,
+        stop=None, presence_penalty=None, frequency_penalty=None, logit_bias=None, best_of=None, user=None,
+        suffix=None, stream_options=None,
+    )
+    assert nulls.choices[0].text == plain.choices[0].text
+    assert nulls.usage.completion_tokens == plain.usage.completion_tokens == 16  # max_tokens' default
+
+
+def test_echo_without_generation_scores_the_prompt_like_transformers(client, tiny_checkpoint):
+    """How lm-evaluation-harness computes log-likelihoods: echo, logprobs, max_tokens 0."""
+    ids = AutoTokenizer.from_pretrained(tiny_checkpoint).encode(PROMPT)
+    response = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    choice = response.choices[0]
+    assert choice.text == PROMPT and response.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs[1:]), expected, rtol=0, atol=1e-4)
+
+
+def test_best_of_returns_the_samples_with_the_highest_cumulative_logprob(client):
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11,
+                  extra_body={"ignore_eos": True})
+    candidates = client.completions.create(**kwargs, n=4, logprobs=0).choices  # the same 4 samples, with logprobs
+    total = {c.text: sum(c.logprobs.token_logprobs) for c in candidates}
+    best = client.completions.create(**kwargs, n=2, best_of=4)
+    assert [c.text for c in best.choices] == sorted(total, key=total.get, reverse=True)[:2]
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    assert best.usage.completion_tokens == 4 * 8  # every candidate was generated
+
+
+def test_a_generation_that_does_not_fit_is_shortened_to_the_context(client):
+    response = client.completions.create(model="tiny", prompt=[7] * 500, max_tokens=100, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert response.usage.completion_tokens == 512 - 500 and response.choices[0].finish_reason == "length"
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_header(server):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    extra = {"num_beams": 3, "max_new_tokens": 4, "stream_options": None}
+    plain = httpx.post(f"{server}/v1/completions", json=body, headers=auth(), timeout=60)
+    tolerated = httpx.post(f"{server}/v1/completions", json={**body, **extra}, headers=auth(), timeout=60)
+    assert tolerated.status_code == 200, tolerated.text
+    assert tolerated.headers["x-ignored-fields"] == "max_new_tokens, num_beams"
+    assert "x-ignored-fields" not in plain.headers
+    assert tolerated.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+
+
+def test_strict_fields_refuses_unknown_fields(small_server):
+    response = httpx.post(f"{small_server}/v1/completions", json={"prompt": "a", "num_beams": 3}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "num_beams"
+
+
+def test_prefix_cache_hits_are_reported_as_cached_tokens(client):
+    prompt = [11, 12, 13, 14] * 40  # 160 tokens: several full KV blocks
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < len(prompt)
+
+
+def test_tokenize_options_and_tokenizer_info(server, tiny_checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    body = {"prompt": "hello the test", "add_special_tokens": True, "return_token_strs": True}
+    result = httpx.post(f"{server}/tokenize", json=body, headers=auth()).json()
+    assert result["tokens"] == tokenizer.encode(body["prompt"], add_special_tokens=True)
+    assert result["token_strs"] == tokenizer.convert_ids_to_tokens(result["tokens"])
+    info = httpx.get(f"{server}/tokenizer_info", headers=auth()).json()
+    assert info["eos_token"] == "</s>" and info["tokenizer_class"]
+
+
+def test_ping_and_version_are_open(server):
+    from importlib.metadata import version
+
+    assert httpx.get(f"{server}/ping").status_code == 200 and httpx.post(f"{server}/ping").status_code == 200
+    assert httpx.get(f"{server}/version").json() == {"version": version("tablefree"), "vllm": vllm_version()}
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__.split("+")[0]
