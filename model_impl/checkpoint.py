@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .codes import TokenCoder
 from .configuration_tablefree import BinaryTableFreeConfig, TableFreeConfig
 from .modeling_tablefree import BinaryTableFreeForCausalLM, TableFreeForCausalLM
 from .tokenizer import build_tokenizer
@@ -67,16 +68,20 @@ def random_model(config: TableFreeConfig, seed: int, progress: bool = False) -> 
     with torch.device("meta"):
         model = model_class(config)(config)
     model.to_empty(device="cpu")
-    model._init_weights(model.model.codes)  # its buffers are derived from the config
+    inputs = model.get_input_embeddings()
+    if isinstance(inputs, TokenCoder):
+        model._init_weights(inputs)  # its buffers are derived from the config
     generator = torch.Generator().manual_seed(seed)
     std = config.initializer_range
-    blocks = [*model.model.layers, model.model.norm, model.lm_head]
+    blocks = [inputs, *model.model.layers, model.model.norm, model.lm_head]
+    norms = tuple(type(m) for m in (model.model.norm,))
     for block in tqdm(blocks, desc="random weights", unit="block", disable=not progress):
-        for name, param in block.named_parameters():
-            with torch.no_grad():
-                param.normal_(0.0, std, generator=generator)
-                if isinstance(block, torch.nn.LayerNorm) or "layernorm" in name:
-                    param.add_(1.0 if name.endswith("weight") else 0.0)
+        for module in block.modules():
+            for name, param in module.named_parameters(recurse=False):
+                with torch.no_grad():
+                    param.normal_(0.0, std, generator=generator)
+                    if isinstance(module, norms) and name == "weight":
+                        param.add_(1.0)
     return model.eval()
 
 

@@ -4,6 +4,11 @@ Every layout choice the published card leaves open is a field here, so it is sto
 the checkpoint's config.json. Defaults follow the card where it speaks ("tiled") and
 the author's earlier models otherwise (raw 0/1 values, MSB-first like bin_16 is
 written). See README "Layout choices".
+
+A config.json of these model types must carry the code fields: the published checkpoint
+shares this project's model_type but not its field names, and reading it with default
+codes would serve wrong weights silently (`from_dict` refuses it; `tablefree convert`
+recovers the real layout).
 """
 
 from __future__ import annotations
@@ -11,6 +16,17 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from .codes import TokenCode, bit_string, default_affine, identity_affine
+
+INPUT_KINDS = ("codes", "table")  # table: the paper's learned-table baseline (an nn.Embedding)
+NORM_TYPES = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_pytorch_tanh")  # exact GELU, tanh approximation
+ROPE_STYLES = ("neox", "gptj")  # rotate-half, interleaved pairs
+# The fields a config.json of a codes model must hold: the input layout is never guessed.
+CODE_FIELDS = ("code_matrix", "code_shift", "code_expansion", "code_bit_order", "code_values", "code_scale")
+
+
+class MissingCodeLayoutError(ValueError):
+    """A config.json with this project's model_type but without its code fields."""
 
 
 class TableFreeConfig(PreTrainedConfig):
@@ -25,9 +41,13 @@ class TableFreeConfig(PreTrainedConfig):
     num_attention_heads: int = 32
     intermediate_size: int = 4096
     max_position_embeddings: int = 1024
-    hidden_act: str = "gelu"
+    hidden_act: str = "gelu"  # ACTIVATIONS
     layer_norm_eps: float = 1e-5
+    norm_type: str = "layernorm"  # NORM_TYPES, every block's two norms and the final one
+    norm_bias: bool | None = None  # LayerNorm bias; default True for layernorm (rmsnorm has none)
+    # rope_theta and partial_rotary_factor (rotary on the first head_dim x factor dims of each head)
     rope_parameters: dict | None = None
+    rope_style: str = "neox"  # ROPE_STYLES
     # Biases: the combination that gives the ~470.2M parameters of the card (see notes).
     attention_bias: bool = False  # q, k, v projections
     attention_out_bias: bool = True
@@ -39,7 +59,8 @@ class TableFreeConfig(PreTrainedConfig):
     pad_token_id: int | None = 57344
     bos_token_id: int | None = 57345
     eos_token_id: int | list[int] | None = 57346
-    # Input code layout (model_impl/codes.py).
+    input_kind: str = "codes"  # INPUT_KINDS
+    # Input code layout (model_impl/codes.py), for input_kind "codes".
     # A as 16 rows of 16 "0"/"1" characters (row i, entry j), b as one such string;
     # default: codes.default_affine().
     code_matrix: list[str] | None = None
@@ -62,8 +83,32 @@ class TableFreeConfig(PreTrainedConfig):
             self.code_shift = bit_string(shift)
         if self.head_dim is None and self.num_attention_heads:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.norm_bias is None:
+            self.norm_bias = self.norm_type == "layernorm"
         super().__post_init__(**kwargs)
         self.validate_table_free()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> TableFreeConfig:
+        """Loading path of config.json (from_pretrained, AutoConfig, vLLM): refuses a missing code layout.
+
+        Construction in code (`TableFreeConfig()`, as Transformers does internally) keeps its defaults.
+        """
+        given = {**config_dict, **kwargs}
+        missing = [name for name in CODE_FIELDS if name not in given]
+        if given.get("input_kind", "codes") == "codes" and missing:
+            source = kwargs.get("name_or_path") or config_dict.get("_name_or_path") or "SRC"
+            raise MissingCodeLayoutError(
+                f"{source}: config.json has model_type {cls.model_type!r} but lacks this project's code fields"
+                f" ({', '.join(missing)}), so its input code layout is unknown and will not be guessed."
+                f" Run `tablefree inspect {source}` to see what it holds, then `tablefree convert {source} DST`"
+                " to recover the layout and write a checkpoint this project serves."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rope_parameters.get("partial_rotary_factor", 1.0))
 
     def validate_table_free(self) -> None:
         if self.num_attention_heads <= 0 or self.head_dim * self.num_attention_heads != self.hidden_size:
@@ -71,10 +116,31 @@ class TableFreeConfig(PreTrainedConfig):
                 f"hidden_size {self.hidden_size} must equal num_attention_heads {self.num_attention_heads}"
                 f" x head_dim {self.head_dim}"
             )
+        for name, allowed in (
+            ("input_kind", INPUT_KINDS), ("norm_type", NORM_TYPES), ("hidden_act", ACTIVATIONS), ("rope_style", ROPE_STYLES)
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.norm_type == "rmsnorm" and self.norm_bias:
+            raise ValueError("norm_bias must be false for norm_type 'rmsnorm' (RMSNorm has no bias)")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"only default rotary embeddings are implemented, got rope_type {rope_type!r}")
-        TokenCode.from_config(self)  # raises ValueError naming the problem
+        if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(
+                f"rope_parameters.partial_rotary_factor gives rotary dimension {self.rotary_dim}: it must be an even"
+                f" number in [2, head_dim {self.head_dim}]"
+            )
+        if self.input_kind == "codes":
+            TokenCode.from_config(self)  # raises ValueError naming the problem
+
+    def to_diff_dict(self) -> dict:
+        """A table model's config.json holds no code fields: it has no codes."""
+        fields = super().to_diff_dict()
+        if self.input_kind == "table":
+            for name in CODE_FIELDS:
+                fields.pop(name, None)
+        return fields
 
 
 class BinaryTableFreeConfig(TableFreeConfig):
@@ -87,6 +153,8 @@ class BinaryTableFreeConfig(TableFreeConfig):
 
     def validate_table_free(self) -> None:
         super().validate_table_free()
+        if self.input_kind != "codes":
+            raise ValueError(f"{self.model_type} reads codes: input_kind must be 'codes', got {self.input_kind!r}")
         code = TokenCode.from_config(self)
         if [list(row) for row in code.matrix] != identity_affine()[0] or any(code.shift):
             raise ValueError(f"{self.model_type} uses the plain binary code: code_matrix must be I and code_shift 0")

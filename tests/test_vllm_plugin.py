@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model_impl.checkpoint import make_checkpoint, make_config
+
 from .conftest import tablefree
 from .live_server import free_port, live_server
 from .parity import (
@@ -78,6 +80,29 @@ def test_plain_binary_sibling_with_another_code_layout_matches(tmp_path, prompts
     )
     got = generate_in_subprocess(checkpoint, prompts[:4])
     assert_parity(compare(transformers_greedy(checkpoint, prompts[:4], NEW_TOKENS), got))
+
+
+# The structural options beyond the defaults (LayerNorm with bias, exact GELU, full NeoX rotary
+# at 10000, codes), grouped so that two checkpoints cover every one of them.
+STRUCTURE_OPTIONS = {
+    "rmsnorm-tanh-gptj-half-qkv-bias": dict(
+        norm_type="rmsnorm", hidden_act="gelu_pytorch_tanh", rope_style="gptj",
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
+        attention_bias=True, attention_out_bias=False, mlp_bias=False, lm_head_bias=False,
+    ),
+    "table-layernorm-no-bias-neox-quarter": dict(
+        input_kind="table", norm_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25},
+    ),
+}
+
+
+@pytest.mark.parametrize("options", STRUCTURE_OPTIONS.values(), ids=STRUCTURE_OPTIONS.keys())
+def test_structure_options_match(tmp_path, prompts, options):
+    checkpoint = tmp_path / "options"
+    make_checkpoint(checkpoint, make_config("tiny", **options), seed=5)
+    got = generate_in_subprocess(checkpoint, prompts)
+    assert_parity(compare(transformers_greedy(checkpoint, prompts, NEW_TOKENS), got))
 
 
 def test_seeded_sampling_repeats_and_seeds_matter(engine, prompts):

@@ -1,8 +1,9 @@
 """The table-free architecture built from vLLM's own layers (tensor- and pipeline-parallel).
 
-Mirrors model_impl/modeling_tablefree.py module for module; the input side is
-model_impl's TokenCoder, so each rank computes its codes from the ids on its own
-device: no table, no communication. (No `from __future__ import annotations`: vLLM's compile
+Mirrors model_impl/modeling_tablefree.py module for module, every config choice included
+(norms, biases, GELU variant, rotary style and dimension). The input side is model_impl's
+TokenCoder, so each rank computes its codes from the ids on its own device: no table, no
+communication; the learned-table baseline (input_kind "table") uses VocabParallelEmbedding. (No `from __future__ import annotations`: vLLM's compile
 decorator reads the forward's annotations at import time.)
 """
 
@@ -17,11 +18,11 @@ from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.layernorm import LayerNorm
+from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
@@ -36,6 +37,12 @@ from vllm.sequence import IntermediateTensors
 
 from model_impl import TableFreeConfig, TokenCode, TokenCoder
 from model_impl.checkpoint import tensor_shapes
+
+
+def make_norm(config: TableFreeConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.norm_bias)
 
 
 class TableFreeAttention(nn.Module):
@@ -57,8 +64,8 @@ class TableFreeAttention(nn.Module):
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
-            is_neox_style=True,  # rotate-half, as model_impl.modeling_tablefree.apply_rotary
-            rope_parameters=config.rope_parameters,
+            is_neox_style=config.rope_style == "neox",  # else GPT-J interleaved pairs
+            rope_parameters=config.rope_parameters,  # rope_theta, partial_rotary_factor
         )
         self.attn = Attention(
             self.num_heads, self.head_dim, self.head_dim**-0.5, cache_config=cache_config, prefix=f"{prefix}.attn"
@@ -92,9 +99,9 @@ class TableFreeMLP(nn.Module):
 class TableFreeBlock(nn.Module):
     def __init__(self, config: TableFreeConfig, cache_config: CacheConfig | None, prefix: str) -> None:
         super().__init__()
-        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.input_layernorm = make_norm(config)
         self.self_attn = TableFreeAttention(config, cache_config, prefix=f"{prefix}.self_attn")
-        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = make_norm(config)
         self.mlp = TableFreeMLP(config, prefix=f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -108,14 +115,22 @@ class TableFreeModel(nn.Module):
         super().__init__()
         config: TableFreeConfig = vllm_config.model_config.hf_config
         self.code_dtype = vllm_config.model_config.dtype
-        self.codes = TokenCoder(TokenCode.from_config(config))  # 32 integers, on every rank
+        self.input_kind = config.input_kind
+        if config.input_kind == "codes":
+            self.codes = TokenCoder(TokenCode.from_config(config))  # 32 integers, on every rank
+        elif get_pp_group().is_first_rank:
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
             lambda prefix: TableFreeBlock(config, vllm_config.cache_config, prefix),
             prefix=f"{prefix}.layers",
         )
         if get_pp_group().is_last_rank:
-            self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.norm = make_norm(config)
         else:
             self.norm = PPMissingLayer()
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
@@ -123,7 +138,9 @@ class TableFreeModel(nn.Module):
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.codes(input_ids, self.code_dtype)
+        if self.input_kind == "codes":
+            return self.codes(input_ids, self.code_dtype)
+        return self.embed_tokens(input_ids)
 
     def forward(
         self,
