@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,24 +64,30 @@ def tensor_shapes(config: TableFreeConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-def random_model(config: TableFreeConfig, seed: int, progress: bool = False) -> TableFreeForCausalLM:
-    """A model with seeded random weights, built block by block (a progress bar for big shapes)."""
+def empty_model(config: TableFreeConfig) -> TableFreeForCausalLM:
+    """A model with uninitialised weights (to be filled) and its code buffers set from the config."""
     with torch.device("meta"):
         model = model_class(config)(config)
     model.to_empty(device="cpu")
+    if isinstance(coder := model.get_input_embeddings(), TokenCoder):
+        model._init_weights(coder)  # its buffers are derived from the config
+    return model
+
+
+def random_model(config: TableFreeConfig, seed: int, progress: bool = False) -> TableFreeForCausalLM:
+    """A model with seeded random weights, built block by block (a progress bar for big shapes)."""
+    model = empty_model(config)
     inputs = model.get_input_embeddings()
-    if isinstance(inputs, TokenCoder):
-        model._init_weights(inputs)  # its buffers are derived from the config
     generator = torch.Generator().manual_seed(seed)
     std = config.initializer_range
     blocks = [inputs, *model.model.layers, model.model.norm, model.lm_head]
-    norms = tuple(type(m) for m in (model.model.norm,))
+    norm = type(model.model.norm)  # LayerNorm or RMSNorm: weights around 1
     for block in tqdm(blocks, desc="random weights", unit="block", disable=not progress):
         for module in block.modules():
             for name, param in module.named_parameters(recurse=False):
                 with torch.no_grad():
                     param.normal_(0.0, std, generator=generator)
-                    if isinstance(module, norms) and name == "weight":
+                    if isinstance(module, norm) and name == "weight":
                         param.add_(1.0)
     return model.eval()
 
@@ -102,22 +109,35 @@ def make_checkpoint(
     out = Path(out)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_free(out, force)
     model = random_model(config, seed, progress).to(DTYPES[dtype])
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(staging: Path) -> None:
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(staging, **kwargs)
         build_tokenizer().save_pretrained(staging)
+
+    write_atomically(out, write)
+    return CheckpointSummary(out, sum(p.numel() for p in model.parameters()), input_embedding_parameters(model))
+
+
+def check_free(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a staging folder next to `out`, which then replaces `out`: a failure leaves `out` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return CheckpointSummary(out, sum(p.numel() for p in model.parameters()), input_embedding_parameters(model))
 
 
 def default_checkpoint() -> Path:

@@ -154,15 +154,17 @@ def _parity16(x: torch.Tensor) -> torch.Tensor:
     return x & 1
 
 
-def encode(
-    ids: torch.Tensor, masks: torch.Tensor, shift: torch.Tensor, code: TokenCode, dtype: torch.dtype
-) -> torch.Tensor:
-    """Token ids (any shape) -> codes of shape (*ids.shape, width) in `dtype`.
+def recode(ids: torch.Tensor, masks: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Token ids (any shape) -> A c xor b as int32 bits of shape (*ids.shape, 16).
 
     `masks` (int32[16]) and `shift` (int32[16]) are `code.row_masks(code.matrix)` and
     `code.shift` as tensors on the ids' device; TokenCoder holds them as buffers.
     """
-    bits = _parity16(ids.int().unsqueeze(-1) & masks) ^ shift  # (..., 16) in {0, 1}; 16-bit ids fit int32
+    return _parity16(ids.int().unsqueeze(-1) & masks) ^ shift  # 16-bit ids fit int32
+
+
+def expand(bits: torch.Tensor, code: TokenCode, dtype: torch.dtype) -> torch.Tensor:
+    """Code bits (..., 16) -> values of shape (..., width) in `dtype`."""
     values = bits.to(dtype)
     if code.values == "bipolar":
         values = values * 2 - 1
@@ -175,6 +177,13 @@ def encode(
         return values.unsqueeze(-2).expand(*lead, copies, CODE_BITS).reshape(*lead, code.width)
     # interleave: x[k] = c~[k // copies]
     return values.unsqueeze(-1).expand(*lead, CODE_BITS, copies).reshape(*lead, code.width)
+
+
+def encode(
+    ids: torch.Tensor, masks: torch.Tensor, shift: torch.Tensor, code: TokenCode, dtype: torch.dtype
+) -> torch.Tensor:
+    """Token ids (any shape) -> codes of shape (*ids.shape, width) in `dtype`."""
+    return expand(recode(ids, masks, shift), code, dtype)
 
 
 def decode(codes: torch.Tensor, code: TokenCode) -> torch.Tensor:

@@ -28,6 +28,10 @@ CODE_FIELDS = ("code_matrix", "code_shift", "code_expansion", "code_bit_order", 
 class MissingCodeLayoutError(ValueError):
     """A config.json with this project's model_type but without its code fields."""
 
+    def __init__(self, message: str, missing: list[str]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
 
 class TableFreeConfig(PreTrainedConfig):
     """Decoder-only Transformer whose inputs are affine-recoded 16-bit token codes."""
@@ -102,7 +106,8 @@ class TableFreeConfig(PreTrainedConfig):
                 f"{source}: config.json has model_type {cls.model_type!r} but lacks this project's code fields"
                 f" ({', '.join(missing)}), so its input code layout is unknown and will not be guessed."
                 f" Run `tablefree inspect {source}` to see what it holds, then `tablefree convert {source} DST`"
-                " to recover the layout and write a checkpoint this project serves."
+                " to recover the layout and write a checkpoint this project serves.",
+                missing,
             )
         return super().from_dict(config_dict, **kwargs)
 

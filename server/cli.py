@@ -83,6 +83,79 @@ def serve_command(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+def inspect_command(args: argparse.Namespace) -> int:
+    from model_impl.convert.inspection import inspect_checkpoint
+
+    result = inspect_checkpoint(args.src, args.num_heads)
+    print("\n".join(result.lines))
+    return result.status
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    from model_impl.convert import ConvertError
+    from model_impl.convert.convert import convert
+
+    try:
+        conversion = convert(args.src, args.dst, args.num_heads, args.context_length, args.dtype, args.force)
+    except (ConvertError, FileExistsError) as err:
+        print(f"tablefree convert: error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(conversion.report()))
+    print(f"wrote {args.dst} ({conversion.config.model_type}, {args.dtype or 'the dtype of SRC'})")
+    return 0 if args.no_verify else verify_checkpoint(args.dst, args.src, args.new_tokens, args.atol)
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    return verify_checkpoint(args.dst, args.reference, args.new_tokens, args.atol)
+
+
+def verify_checkpoint(dst: str, reference: str, new_tokens: int, atol: float) -> int:
+    from model_impl.convert import ConvertError
+
+    try:
+        from vllm_plugin.verify import verify
+
+        return 0 if verify(dst, reference, new_tokens, atol) else 1
+    except ImportError as err:
+        print(f"tablefree verify: vLLM is not installed here ({err}); install the cpu or cuda extra", file=sys.stderr)
+    except (ConvertError, OSError, ValueError) as err:
+        print(f"tablefree verify: error: {err}", file=sys.stderr)
+    return 2
+
+
+def codes_command(args: argparse.Namespace) -> int:
+    from model_impl.code_rows import code_rows, describe
+
+    try:
+        code, tokenizer, origin = load_code(args.model)
+    except ValueError as err:
+        print(f"tablefree codes: error: {err}", file=sys.stderr)
+        return 2
+    print(f"layout: {describe(code)} ({origin})")
+    rows = [["token", "id", "bin_16(id)", "A c xor b", f"x[0:{min(args.values, code.width)}]"]]
+    for row in code_rows(tokenizer, code, args.text, args.values):
+        rows.append([repr(row.token), str(row.id), row.code, row.recoded, " ".join(f"{v:g}" for v in row.values)])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    print("\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows))
+    return 0
+
+
+def load_code(model: str | None):
+    """(TokenCode, tokenizer, where they come from) of a checkpoint, or of the default layout."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from model_impl import TableFreeConfig, TokenCode
+    from model_impl.tokenizer import build_tokenizer
+
+    if model is None:
+        config, tokenizer, origin = TableFreeConfig(), build_tokenizer(), "no --model: the default layout, demo tokenizer"
+    else:
+        config, tokenizer, origin = AutoConfig.from_pretrained(model), AutoTokenizer.from_pretrained(model), model
+    if getattr(config, "input_kind", None) != "codes":
+        raise ValueError(f"{model} has no token codes (input_kind {getattr(config, 'input_kind', None)!r})")
+    return TokenCode.from_config(config), tokenizer, origin
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tablefree", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +182,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="checkpoint directory (default: the card-shaped demo, built on first use)")
     gen.add_argument("--max-new-tokens", type=int, default=3)
     gen.set_defaults(func=generate_command)
+
+    inspect = commands.add_parser("inspect", help="what a checkpoint holds (headers only); exit 0 if servable as is")
+    inspect.add_argument("src", help="checkpoint directory or hub id")
+    inspect.add_argument("--num-heads", type=int, help="attention heads, when config.json does not say")
+    inspect.set_defaults(func=inspect_command)
+
+    conv = commands.add_parser("convert", help="recover a foreign checkpoint's layout and write it in this one's")
+    conv.add_argument("src", help="checkpoint directory or hub id (its remote code runs: trust_remote_code)")
+    conv.add_argument("dst", help="output directory (created; must be empty unless --force)")
+    conv.add_argument("--num-heads", type=int, help="attention heads, when config.json does not say")
+    conv.add_argument("--context-length", type=int, help="context length, when config.json does not say")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the dtype of SRC")
+    conv.add_argument("--force", action="store_true", help="replace a non-empty DST")
+    conv.add_argument("--no-verify", action="store_true", help="skip the vLLM check against SRC")
+    conv.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per verify prompt")
+    conv.add_argument("--atol", type=float, default=1e-3, help="verify's logprob tolerance")
+    conv.set_defaults(func=convert_command)
+
+    ver = commands.add_parser("verify", help="this project's vLLM engine on DST vs SRC's own code; exit 0 if equal")
+    ver.add_argument("dst", help="a checkpoint in this project's layout")
+    ver.add_argument("--reference", required=True, help="SRC: the checkpoint with its own remote code")
+    ver.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt")
+    ver.add_argument("--atol", type=float, default=1e-3, help="logprob tolerance (float32 noise is ~1e-5)")
+    ver.set_defaults(func=verify_command)
+
+    codes = commands.add_parser("codes", help="each token's id, bin_16(id), A c xor b and first input values")
+    codes.add_argument("text")
+    codes.add_argument("--model", help="checkpoint directory (default: the default layout and demo tokenizer)")
+    codes.add_argument("--values", type=int, default=16, help="how many leading values of each vector to show")
+    codes.set_defaults(func=codes_command)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible server (env: TABLEFREE_<OPTION>)")
     serve.add_argument("--model", help="checkpoint directory (default: the card-shaped demo, random weights)")
