@@ -74,6 +74,17 @@ def empty_model(config: TableFreeConfig) -> TableFreeForCausalLM:
     return model
 
 
+def model_with_weights(config: TableFreeConfig, state: dict[str, torch.Tensor]) -> TableFreeForCausalLM:
+    """A model holding exactly `state`'s tensors (no copy; strict about names and shapes)."""
+    with torch.device("meta"):
+        model = model_class(config)(config)
+    model.load_state_dict(state, assign=True, strict=True)
+    if isinstance(coder := model.get_input_embeddings(), TokenCoder):
+        coder.to_empty(device="cpu")
+        model._init_weights(coder)
+    return model.eval()
+
+
 def random_model(config: TableFreeConfig, seed: int, progress: bool = False) -> TableFreeForCausalLM:
     """A model with seeded random weights, built block by block (a progress bar for big shapes)."""
     model = empty_model(config)

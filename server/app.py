@@ -24,6 +24,7 @@ from .protocol import (
     APIModel, CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelList,
     TokenizeRequest, TokenizeResponse,
 )
+from .routes_codes import codes_router
 from .settings import ServerSettings
 
 log = logging.getLogger("tablefree.server")
@@ -226,6 +227,8 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
         """The tokenizer's configuration (tokenizer_config.json), as vLLM's server gives it."""
         return TokenizerInfo(tokenizer, None).to_dict()
 
+    app.include_router(codes_router(tokenizer, engine.model_config.hf_config, served.max_model_len, check_model,
+                                    check_fields), dependencies=[Depends(require_json)])
     describe_openapi(app)
     return app, lifecycle
 

@@ -102,20 +102,21 @@ def convert_command(args: argparse.Namespace) -> int:
         return 2
     print("\n".join(conversion.report()))
     print(f"wrote {args.dst} ({conversion.config.model_type}, {args.dtype or 'the dtype of SRC'})")
-    return 0 if args.no_verify else verify_checkpoint(args.dst, args.src, args.new_tokens, args.atol)
+    del conversion  # its weights: verify loads SRC and the engine next
+    return 0 if args.no_verify else verify_checkpoint(args.dst, args.src, args)
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    return verify_checkpoint(args.dst, args.reference, args.new_tokens, args.atol)
+    return verify_checkpoint(args.dst, args.reference, args)
 
 
-def verify_checkpoint(dst: str, reference: str, new_tokens: int, atol: float) -> int:
+def verify_checkpoint(dst: str, reference: str, args: argparse.Namespace) -> int:
     from model_impl.convert import ConvertError
 
     try:
         from vllm_plugin.verify import verify
 
-        return 0 if verify(dst, reference, new_tokens, atol) else 1
+        return 0 if verify(dst, reference, args.new_tokens, args.atol, args.json) else 1
     except ImportError as err:
         print(f"tablefree verify: vLLM is not installed here ({err}); install the cpu or cuda extra", file=sys.stderr)
     except (ConvertError, OSError, ValueError) as err:
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-verify", action="store_true", help="skip the vLLM check against SRC")
     conv.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per verify prompt")
     conv.add_argument("--atol", type=float, default=1e-3, help="verify's logprob tolerance")
+    conv.add_argument("--json", help="also write verify's prompts, tokens and verdict to this file")
     conv.set_defaults(func=convert_command)
 
     ver = commands.add_parser("verify", help="this project's vLLM engine on DST vs SRC's own code; exit 0 if equal")
@@ -205,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--reference", required=True, help="SRC: the checkpoint with its own remote code")
     ver.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt")
     ver.add_argument("--atol", type=float, default=1e-3, help="logprob tolerance (float32 noise is ~1e-5)")
+    ver.add_argument("--json", help="also write the prompts, both sides' tokens and the verdict to this file")
     ver.set_defaults(func=verify_command)
 
     codes = commands.add_parser("codes", help="each token's id, bin_16(id), A c xor b and first input values")

@@ -1,20 +1,24 @@
 """Writes the foreign test checkpoints: remote code from tests/foreign, seeded random weights.
 
-Weights are drawn independently of model_impl (matrices N(0, 0.1), norm weights around 1,
-biases N(0, 0.1), input tables N(0, 1)), so a converter that drops, swaps or misreads a
-tensor is caught.
+Weights are drawn independently of model_impl (matrices and biases N(0, 0.8^2 / width),
+norm weights around 1, input tables N(0, 1)), so a converter that drops, swaps or
+misreads a tensor is caught.
 """
 
 import importlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from model_impl.tokenizer import build_tokenizer
 
 # name -> (config class, model class, tiny config) in tests/foreign/<name>.py
 FIXTURES = {
     "gpt2_conv1d": ("AffineCodeGPTConfig", "AffineCodeGPTLMHeadModel", {}),
+    "nanogpt_linear": ("NanoCodesConfig", "NanoCodesGPT", {}),
+    "llama_seeded": ("SeededCodeConfig", "SeededCodeForCausalLM", {}),
+    "neox_table": ("TableBaselineConfig", "TableBaselineForCausalLM", {}),
 }
 
 
@@ -38,24 +42,46 @@ def gf2_invertible(rows: list[list[int]]) -> bool:
     return True
 
 
-def write_foreign(name: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+def write_foreign(name: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  buffers: dict | None = None, **overrides) -> Path:
+    """A checkpoint of fixture `name` in `out`; `buffers` sets persistent buffers (e.g. A, b) by name."""
     config_name, model_name, tiny = FIXTURES[name]
     module = importlib.import_module(f"tests.foreign.{name}")
     config = getattr(module, config_name)(**{**tiny, **overrides})
     model_class = getattr(module, model_name)
     model = model_class(config)
     generator = torch.Generator().manual_seed(seed)
+    std = 0.8 / config.hidden_size**0.5
+
+    def normal(shape, scale):
+        return scale * torch.randn(shape, generator=generator)
+
     with torch.no_grad():
-        for pname, param in model.named_parameters():
-            if param.dim() == 1 and "norm" in pname or pname.split(".")[-2].startswith("ln"):
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator) if pname.endswith("weight")
-                            else 0.1 * torch.randn(param.shape, generator=generator))
-            elif param.shape[0] == config.vocab_size and "embed" in pname or pname.endswith("wte.weight"):
-                param.copy_(torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        for module in model.modules():
+            for pname, param in module.named_parameters(recurse=False):
+                if isinstance(module, torch.nn.Embedding):
+                    param.copy_(normal(param.shape, 1.0))
+                elif "Norm" in type(module).__name__ and pname == "weight":
+                    param.copy_(1 + normal(param.shape, 0.1))
+                else:
+                    param.copy_(normal(param.shape, std))
+        if buffers:
+            for name, value in buffers.items():
+                model.get_buffer(name).copy_(torch.tensor(value))
     type(config).register_for_auto_class()
     model_class.register_for_auto_class("AutoModelForCausalLM")
     model.to(dtype).save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out
+
+
+def load_foreign(name: str, path: Path) -> torch.nn.Module:
+    """A fixture checkpoint through its own classes, as its authors run it (built, then given its tensors)."""
+    config_name, model_name, _ = FIXTURES[name]
+    module = importlib.import_module(f"tests.foreign.{name}")
+    model = getattr(module, model_name)(getattr(module, config_name).from_pretrained(path))
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    model.load_state_dict(state)
+    return model.float().eval()

@@ -114,3 +114,24 @@ def test_layout_round_trips_through_config_json(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = TableFreeConfig.from_pretrained(tmp_path)
     assert TokenCode.from_config(loaded) == TokenCode.from_config(config)
+
+
+def test_code_rows_show_each_tokens_id_bits_recoding_and_values():
+    """`tablefree codes` and POST /v1/codes: the rows against the per-bit definitions above."""
+    from model_impl.code_rows import code_rows
+    from model_impl.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    code = make_code("interleave", "lsb", "bipolar", 0.5)
+    text = "hello the test 😀"
+    ids = tokenizer.encode(text)
+    rows = code_rows(tokenizer, code, text, first=20)
+    assert [r.id for r in rows] == ids and [r.token for r in rows] == tokenizer.convert_ids_to_tokens(ids)
+    A, b = np.array(code.matrix), np.array(code.shift)
+    expected = expected_codes(code)
+    for row in rows:
+        c = np.array([(row.id >> j) & 1 for j in range(CODE_BITS)])  # LSB first
+        assert row.code == "".join(map(str, c))
+        assert row.recoded == "".join(map(str, (A @ c + b) % 2))
+        assert row.values == pytest.approx(expected[row.id, :20].tolist())
+    assert code_rows(tokenizer, code, "") == []

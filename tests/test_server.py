@@ -9,9 +9,11 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import model_impl  # noqa: F401  registers the Auto classes
+from model_impl import TokenCode
+from model_impl.code_rows import code_rows
 
 from .conftest import KEY, PROMPT, auth, serve_cmd
 from .live_server import free_port, live_server
@@ -152,6 +154,33 @@ def test_models_tokenize_detokenize_health_metrics(server, tiny_checkpoint):
                  "tablefree_num_requests_waiting"]:
         assert name in metrics
     assert re.search(r'tablefree_requests_total\{route="/v1/completions",status="200"\} [1-9]', metrics)
+
+
+CODES_ERRORS = [
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "values": 0}, 400, "values"),
+    ({"model": "tiny", "prompt": "x", "values": 65}, 400, "values"),
+    ({"model": "tiny", "prompt": "x" * 600}, 400, "prompt"),  # longer than the context: not what the model reads
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+]
+
+
+def test_codes_route_shows_what_the_model_reads(server, tiny_checkpoint):
+    body = {"model": "tiny", "prompt": PROMPT, "values": 8}
+    response = httpx.post(f"{server}/v1/codes", json=body, headers=auth(), timeout=60)
+    assert response.status_code == 200, response.text
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    expected = code_rows(AutoTokenizer.from_pretrained(tiny_checkpoint), TokenCode.from_config(config), PROMPT, 8)
+    assert response.json()["data"] == [row.as_dict() for row in expected]
+    layout = response.json()["layout"]
+    assert (layout["matrix"], layout["shift"], layout["width"]) == (config.code_matrix, config.code_shift, 64)
+    assert httpx.post(f"{server}/v1/codes", json=body, timeout=60).status_code == 401
+    ignored = httpx.post(f"{server}/v1/codes", json={**body, "value": 3}, headers=auth(), timeout=60)
+    assert ignored.status_code == 200 and ignored.headers["X-Ignored-Fields"] == "value"  # as every route does
+    for bad, status, param in CODES_ERRORS:
+        error = httpx.post(f"{server}/v1/codes", json=bad, headers=auth(), timeout=60)
+        assert error.status_code == status and error.json()["error"]["param"] == param, (bad, error.text)
 
 
 EMOJI_BYTES = [0xE000 + b for b in "😀".encode()]  # byte-fallback tokens <0xF0> <0x9F> <0x98> <0x80>

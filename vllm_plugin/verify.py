@@ -7,6 +7,7 @@ prompt, and the first place that differs is named (input codes, a block, the log
 """
 
 import gc
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,17 +57,25 @@ def vllm_greedy(dst: Path, prompts: list[list[int]], new_tokens: int, context_le
 @dataclass
 class Row:
     kind: str
-    prompt_tokens: int
+    prompt: list[int]
     report: ParityReport
     new_tokens: int
+    reference_tokens: list[int]
+    vllm: Completion
 
     @property
     def ok(self) -> bool:
         return not self.report.failures
 
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "prompt": self.prompt, "reference_tokens": self.reference_tokens,
+                "vllm_tokens": self.vllm[0], "vllm_top_logprobs": self.vllm[1],
+                "max_logprob_diff": self.report.max_logprob_diff,
+                "ok": self.ok, "failures": self.report.failures}
+
     def cells(self, index: int) -> list[str]:
         first = "-" if self.ok else self.report.failures[0].split(": ", 1)[-1]
-        return [str(index), self.kind, str(self.prompt_tokens), f"{self.report.tokens_compared}/{self.new_tokens}",
+        return [str(index), self.kind, str(len(self.prompt)), f"{self.report.tokens_compared}/{self.new_tokens}",
                 f"{self.report.max_logprob_diff:.1e}", "ok" if self.ok else "DIFFERS", first]
 
 
@@ -95,8 +104,12 @@ def localise(dst: Path, reference: str, prompt: list[int]) -> str:
     return f"first difference at {bad.name} ({bad.where}): relative {bad.relative:.1e}"
 
 
-def verify(dst: str | Path, reference: str, new_tokens: int = 16, atol: float = LOGPROB_ATOL) -> bool:
-    """Prints the comparison table (and, on disagreement, where it starts); True when DST agrees with SRC."""
+def verify(dst: str | Path, reference: str, new_tokens: int = 16, atol: float = LOGPROB_ATOL,
+           report: str | Path | None = None) -> bool:
+    """Prints the comparison table (and, on disagreement, where it starts); True when DST agrees with SRC.
+
+    `report`: also write the prompts, both sides' tokens and the verdict there as JSON.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     import model_impl  # noqa: F401  registers this project's config classes
@@ -113,18 +126,24 @@ def verify(dst: str | Path, reference: str, new_tokens: int = 16, atol: float = 
     gc.collect()
     print(f"engine: vLLM with this project's plugin on {dst} (float32, context {context})")
     got = vllm_greedy(dst, ids, new_tokens, context, config)
-    rows = [Row(kind, len(p), compare([ref], [out], atol), new_tokens) for (kind, p), ref, out in zip(prompts, refs, got)]
+    rows = [Row(kind, p, compare([ref], [out], atol), new_tokens, ref.tokens, out)
+            for (kind, p), ref, out in zip(prompts, refs, got)]
     for line in table(rows):
         print(line)
     compared = sum(r.report.tokens_compared for r in rows)
     worst = max(r.report.max_logprob_diff for r in rows)
     ties = sum(r.report.near_ties for r in rows)
-    if all(r.ok for r in rows):
+    passed = all(r.ok for r in rows)
+    where = None
+    if passed:
         print(f"verify: PASS: {len(rows)} prompts, {compared} greedy tokens equal ({ties} near ties),"
               f" top-5 logprobs within {worst:.1e} (tolerance {atol:g})")
-        return True
-    failing = next(r for r in rows if not r.ok)
-    print(f"verify: FAIL: {sum(not r.ok for r in rows)} of {len(rows)} prompts differ beyond float noise"
-          f" (tolerance {atol:g})")
-    print("localising on the first failing prompt: " + localise(dst, reference, ids[rows.index(failing)]))
-    return False
+    else:
+        print(f"verify: FAIL: {sum(not r.ok for r in rows)} of {len(rows)} prompts differ beyond float noise"
+              f" (tolerance {atol:g})")
+        where = localise(dst, reference, next(r.prompt for r in rows if not r.ok))
+        print(f"localising on the first failing prompt: {where}")
+    if report:
+        Path(report).write_text(json.dumps({"pass": passed, "atol": atol, "localisation": where,
+                                            "prompts": [r.as_dict() for r in rows]}, indent=1))
+    return passed

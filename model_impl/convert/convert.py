@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_free, empty_model, tensor_shapes, write_atomically
+from ..checkpoint import check_free, model_with_weights, tensor_shapes, write_atomically
 from ..codes import bit_string, identity_affine
 from ..configuration_tablefree import BinaryTableFreeConfig, TableFreeConfig
 from .errors import ConvertError
@@ -102,9 +102,7 @@ def plan(src: str, num_heads: int | None = None, context_length: int | None = No
     structure = identify(base, ours, trace(model, blocks, probe_prompt(vocab), layout.width), source.config,
                          biases["norm_bias"])
     config = config_class(**base, **structure.fields)
-    converted = empty_model(config)
-    converted.load_state_dict(ours)
-    places = compare_places(model, layout, converted.eval(), probe_prompt(vocab, seed=2))
+    places = compare_places(model, layout, model_with_weights(config, ours), probe_prompt(vocab, seed=2))
     if bad := first_difference(places):
         raise ConvertError(f"the converted model differs from SRC first at {bad.name} ({bad.where}),"
                            f" relative {bad.relative:.1e}")
@@ -144,9 +142,7 @@ def convert(src: str, dst: str | Path, num_heads: int | None = None, context_len
     files = tokenizer_files(open_source(src).path)  # before the slow steps
     conversion = plan(src, num_heads, context_length)
     target = DTYPES[dtype] if dtype else conversion.source.float_dtype
-    model = empty_model(conversion.config)
-    model.load_state_dict(conversion.state)
-    model.to(target)
+    model = model_with_weights(conversion.config, conversion.state).to(target)
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)

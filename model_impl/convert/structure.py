@@ -143,8 +143,9 @@ def describe(fields: dict) -> str:
     rope = fields["rope_parameters"]
     norm = "RMSNorm" if fields["norm_type"] == "rmsnorm" else f"LayerNorm {'with' if fields['norm_bias'] else 'without'} bias"
     act = "exact" if fields["hidden_act"] == "gelu" else "tanh"
-    return (f"{norm} (eps {fields['layer_norm_eps']:g}), GELU {act}, rotary {fields['rope_style']}"
-            f" on {rope['partial_rotary_factor']:g} of each head, base {rope['rope_theta']:g}")
+    part = "the whole head" if rope["partial_rotary_factor"] == 1 else f"{rope['partial_rotary_factor']:g} of each head"
+    return (f"{norm} (eps {fields['layer_norm_eps']:g}), GELU {act}, rotary {fields['rope_style']} on {part},"
+            f" base {rope['rope_theta']:g}")
 
 
 @dataclass
