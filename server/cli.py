@@ -101,7 +101,7 @@ def convert_command(args: argparse.Namespace) -> int:
         print(f"tablefree convert: error: {err}", file=sys.stderr)
         return 2
     print("\n".join(conversion.report()))
-    print(f"wrote {args.dst} ({conversion.config.model_type}, {args.dtype or 'the dtype of SRC'})")
+    print(f"wrote {args.dst} ({conversion.config.model_type}, {str(conversion.dtype).removeprefix('torch.')})")
     del conversion  # its weights: verify loads SRC and the engine next
     return 0 if args.no_verify else verify_checkpoint(args.dst, args.src, args)
 

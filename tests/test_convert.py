@@ -164,7 +164,8 @@ def test_codes_of_a_converted_checkpoint_are_the_fixtures_own(conversions, capsy
     assert lines[0].startswith("layout: interleave, msb first, bipolar x 0.5, width 64")
     A, b = torch.tensor(A2), torch.tensor(B2)
     for line in lines[2:]:
-        token_id, plain, recoded, *values = line.split()[-20:]
+        fields = line.split()  # token (its repr may hold spaces), id, bin_16, A c xor b, 16 values
+        token_id, plain, recoded, values = *fields[-19:-16], fields[-16:]
         t = int(token_id)
         assert plain == format(t, "016b")  # bin_16 in the converted layout's MSB order
         c = torch.tensor([(t >> j) & 1 for j in range(16)])  # the fixture's LSB-first bits
@@ -373,6 +374,33 @@ def test_convert_refuses_a_source_without_remote_code(our_type_without_code_fiel
     assert main(["convert", str(src), str(tmp_path / "dst")]) == 2
     assert "config.json has no auto_map entry for AutoConfig, AutoModelForCausalLM" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
+
+
+# --- the README shows what the commands print --------------------------------------------------------------
+
+
+def normalised(text: str) -> list[str]:
+    """Lines with paths and measured differences blanked: the rest must be as the README shows."""
+    text = re.sub(r"\d\.\de[-+]\d\d", "D", text)
+    return [re.sub(r"(/[\w.-]+)+", "PATH", line).rstrip() for line in text.splitlines() if line.strip()]
+
+
+def readme_block(after: str) -> list[str]:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return normalised(re.search(re.escape(after) + r".*?```\n(.*?)```", readme, re.S).group(1))
+
+
+def test_readme_shows_what_inspect_convert_verify_and_codes_print(conversions, tmp_path, capsys):
+    src = write_foreign("gpt2_conv1d", tmp_path / "gpt2_conv1d", affine_A=A1, affine_b=B1)
+    assert main(["inspect", str(src)]) == 1
+    assert normalised(capsys.readouterr().out) == readme_block("(a test fixture, tiny):")
+    printed = normalised(conversions("gpt2_conv1d").stdout)
+    for block in ("and runs `verify`:", "exits 0 if everything agrees, 1 if not:"):
+        assert all(line in printed for line in readme_block(block)), readme_block(block)
+    assert main(["codes", "hello the test"]) == 0
+    assert readme_block("the default layout and the demo tokenizer):") == normalised(capsys.readouterr().out)[:5]
+    assert "tablefree inspect SRC\ntablefree convert SRC DST\ntablefree verify DST --reference SRC" in (
+        Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 # --- the card's shape ---------------------------------------------------------------------------------------

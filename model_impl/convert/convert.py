@@ -51,6 +51,7 @@ class Conversion:
     config: TableFreeConfig
     state: dict[str, torch.Tensor]
     places: list[Place] = field(default_factory=list)
+    dtype: torch.dtype | None = None  # what DST was written in
 
     def report(self) -> list[str]:
         layout, config, biases = self.layout, self.config, self.layout.biases()
@@ -150,4 +151,5 @@ def convert(src: str, dst: str | Path, num_heads: int | None = None, context_len
             shutil.copy2(file, staging / file.name)
 
     write_atomically(dst, write)
+    conversion.dtype = target
     return conversion

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from .errors import ConvertError
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+FLOATS = (*DTYPES, "F64")
 # Files inspect needs from a hub repository (no weights).
 LIGHT_FILES = ["*.json", "*.py", "*.txt", "*.model"]
 
@@ -34,7 +35,8 @@ class Source:
 
     @property
     def parameters(self) -> int:
-        return sum(_numel(t.shape) for t in self.tensors.values())
+        """Floating-point values held (masks and integer buffers are no parameters)."""
+        return sum(_numel(t.shape) for t in self.tensors.values() if t.dtype in FLOATS)
 
     @property
     def float_dtype(self) -> torch.dtype:
