@@ -96,7 +96,8 @@ def convert_command(args: argparse.Namespace) -> int:
     from model_impl.convert.convert import convert
 
     try:
-        conversion = convert(args.src, args.dst, args.num_heads, args.context_length, args.dtype, args.force)
+        conversion = convert(args.src, args.dst, args.num_heads, args.context_length, args.dtype, args.force,
+                             progress=lambda step: print(f"convert: {step}", file=sys.stderr, flush=True))
     except (ConvertError, FileExistsError) as err:
         print(f"tablefree convert: error: {err}", file=sys.stderr)
         return 2

@@ -298,6 +298,12 @@ def test_inspect_reports_what_convert_needs_from_headers_only(tmp_path, capsys, 
         assert line in out, out
 
 
+def test_a_hub_id_that_cannot_be_fetched_is_a_clear_error(capsys):
+    """HF_HUB_OFFLINE=1 here (conftest): the published checkpoint's id names why it cannot be read."""
+    assert main(["inspect", "Bochkov/llm-fix-min-affine-recoded-minimal-code-table-free"]) == 2
+    assert "is not a local directory and could not be fetched from the hub" in capsys.readouterr().out
+
+
 def test_inspect_and_convert_ask_for_the_head_count_when_config_lacks_it(tmp_path, capsys):
     src = write_foreign("nanogpt_linear", tmp_path / "nanogpt_linear", buffers={"transformer.code_A": A2,
                                                                                 "transformer.code_b": B2})

@@ -8,6 +8,7 @@ model_impl) agrees with SRC on a probe prompt. DST is then written atomically.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,18 +72,24 @@ class Conversion:
         ]
 
 
-def plan(src: str, num_heads: int | None = None, context_length: int | None = None) -> Conversion:
-    """Everything `convert` does short of writing: raises ConvertError naming the first problem."""
+def plan(src: str, num_heads: int | None = None, context_length: int | None = None,
+         progress: Callable[[str], None] = lambda _: None) -> Conversion:
+    """Everything `convert` does short of writing: raises ConvertError naming the first problem.
+
+    `progress` hears what each slow step starts doing.
+    """
     source = open_source(src)
     layout = map_layout(source.tensors)  # names only: an unknown family fails before any code runs
     heads, heads_from = config_int(source.config, HEAD_NAMES, num_heads, "number of attention heads", "--num-heads")
     context, _ = config_int(source.config, CONTEXT_NAMES, context_length, "context length", "--context-length")
+    progress(f"loading {source.path} with its own remote code ({layout.family.name} family, {layout.num_layers} layers)")
     model = load_remote_model(source)
     state = model.state_dict()
     if absent := [name for name in [*layout.names, *([layout.table] if layout.table else [])] if name not in state]:
         raise ConvertError(f"SRC's remote code holds no tensors named {', '.join(absent[:8])} (they are in its files)")
     vocab = state[f"{layout.family.head}.weight"].shape[0]
     blocks = [model.get_submodule(layout.block(i)) for i in range(layout.num_layers)]
+    progress(f"probing what enters {layout.block(0)} for all {vocab:,} ids")
     input_map = recover_input(first_block_inputs(model, blocks[0], torch.arange(vocab), layout.width), state,
                               layout.table)
 
@@ -100,6 +107,7 @@ def plan(src: str, num_heads: int | None = None, context_length: int | None = No
     except ValueError as err:
         raise ConvertError(f"SRC's shape does not fit this project's model: {err}") from err
     ours = our_state_dict(layout, state, heads, shapes)
+    progress("identifying the block structure: candidate configs against SRC's block outputs")
     structure = identify(base, ours, trace(model, blocks, probe_prompt(vocab), layout.width), source.config,
                          biases["norm_bias"])
     config = config_class(**base, **structure.fields)
@@ -134,15 +142,17 @@ def tokenizer_files(path: Path) -> list[Path]:
 
 
 def convert(src: str, dst: str | Path, num_heads: int | None = None, context_length: int | None = None,
-            dtype: str | None = None, force: bool = False) -> Conversion:
+            dtype: str | None = None, force: bool = False, progress: Callable[[str], None] = lambda _: None
+            ) -> Conversion:
     """Writes DST in this project's layout with SRC's tokenizer files; returns what was found."""
     dst = Path(dst)
     check_free(dst, force)
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     files = tokenizer_files(open_source(src).path)  # before the slow steps
-    conversion = plan(src, num_heads, context_length)
+    conversion = plan(src, num_heads, context_length, progress)
     target = DTYPES[dtype] if dtype else conversion.source.float_dtype
+    progress(f"writing {dst}")
     model = model_with_weights(conversion.config, conversion.state).to(target)
 
     def write(staging: Path) -> None:
