@@ -158,6 +158,12 @@ def load_code(model: str | None):
     return TokenCode.from_config(config), tokenizer, origin
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tablefree", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=3)
     gen.set_defaults(func=generate_command)
 
-    inspect = commands.add_parser("inspect", help="what a checkpoint holds (headers only); exit 0 if servable as is")
-    inspect.add_argument("src", help="checkpoint directory or hub id")
-    inspect.add_argument("--num-heads", type=int, help="attention heads, when config.json does not say")
-    inspect.set_defaults(func=inspect_command)
+    insp = commands.add_parser("inspect", help="what a checkpoint holds (headers only); exit 0 if servable as is")
+    insp.add_argument("src", help="checkpoint directory or hub id")
+    insp.add_argument("--num-heads", type=int, help="attention heads, when config.json does not say")
+    insp.set_defaults(func=inspect_command)
 
     conv = commands.add_parser("convert", help="recover a foreign checkpoint's layout and write it in this one's")
     conv.add_argument("src", help="checkpoint directory or hub id (its remote code runs: trust_remote_code)")
@@ -199,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace a non-empty DST")
     conv.add_argument("--no-verify", action="store_true", help="skip the vLLM check against SRC")
     conv.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per verify prompt")
-    conv.add_argument("--atol", type=float, default=1e-3, help="verify's logprob tolerance")
+    conv.add_argument("--atol", type=float, help="verify's logprob tolerance (default 1e-3)")
     conv.add_argument("--json", help="also write verify's prompts, tokens and verdict to this file")
     conv.set_defaults(func=convert_command)
 
@@ -207,14 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("dst", help="a checkpoint in this project's layout")
     ver.add_argument("--reference", required=True, help="SRC: the checkpoint with its own remote code")
     ver.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt")
-    ver.add_argument("--atol", type=float, default=1e-3, help="logprob tolerance (float32 noise is ~1e-5)")
+    ver.add_argument("--atol", type=float, help="logprob tolerance (default 1e-3; float32 noise is ~1e-5)")
     ver.add_argument("--json", help="also write the prompts, both sides' tokens and the verdict to this file")
     ver.set_defaults(func=verify_command)
 
     codes = commands.add_parser("codes", help="each token's id, bin_16(id), A c xor b and first input values")
     codes.add_argument("text")
     codes.add_argument("--model", help="checkpoint directory (default: the default layout and demo tokenizer)")
-    codes.add_argument("--values", type=int, default=16, help="how many leading values of each vector to show")
+    codes.add_argument("--values", type=positive_int, default=16, metavar="N",
+                       help="how many leading values of each vector to show (default 16)")
     codes.set_defaults(func=codes_command)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible server (env: TABLEFREE_<OPTION>)")

@@ -104,7 +104,7 @@ def localise(dst: Path, reference: str, prompt: list[int]) -> str:
     return f"first difference at {bad.name} ({bad.where}): relative {bad.relative:.1e}"
 
 
-def verify(dst: str | Path, reference: str, new_tokens: int = 16, atol: float = LOGPROB_ATOL,
+def verify(dst: str | Path, reference: str, new_tokens: int = 16, atol: float | None = None,
            report: str | Path | None = None) -> bool:
     """Prints the comparison table (and, on disagreement, where it starts); True when DST agrees with SRC.
 
@@ -114,7 +114,7 @@ def verify(dst: str | Path, reference: str, new_tokens: int = 16, atol: float = 
 
     import model_impl  # noqa: F401  registers this project's config classes
 
-    dst = Path(dst)
+    dst, atol = Path(dst), LOGPROB_ATOL if atol is None else atol
     config = AutoConfig.from_pretrained(dst)
     context = config.max_position_embeddings
     prompts = verify_prompts(AutoTokenizer.from_pretrained(dst), config.vocab_size, context, new_tokens)
