@@ -1,11 +1,14 @@
 """The FastAPI app: OpenAI-compatible routes over one vLLM AsyncLLM."""
 
 import asyncio
+import copy
 import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -14,7 +17,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from vllm.entrypoints.serve.tokenize.serving import TokenizerInfo
-from vllm.renderers import TokenizeParams
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 from .chat import CHAT_PARAMS, ChatRequest, chat_chunks, chat_response, render
@@ -101,6 +103,7 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
     chat_template = Path(settings.chat_template).read_text() if settings.chat_template else None
     metrics.admitted.set_function(lambda: admission.in_flight)
     tokenizer = engine.get_tokenizer()
+    counting = Counting(tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -259,9 +262,7 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
     async def tokenize(body: TokenizeRequest):
         headers = check_fields(body)
         check_model(body.model)
-        params = TokenizeParams(max_total_tokens=None, max_output_tokens=0, add_special_tokens=body.add_special_tokens)
-        with engine_errors():  # in the renderer's worker thread: a huge text does not stall the loop
-            ids = (await engine.renderer.tokenize_prompt_async({"prompt": body.prompt}, params))["prompt_token_ids"]
+        ids = await counting.encode(body.prompt, body.add_special_tokens)
         result = {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
         if body.return_token_strs:
             result["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
@@ -292,6 +293,19 @@ async def log_engine_stats(engine) -> None:
     while True:
         await asyncio.sleep(envs.VLLM_LOG_STATS_INTERVAL)
         await engine.do_log_stats()
+
+
+class Counting:
+    """/tokenize's own tokenizer and thread: counting a text of megabytes (seconds) stalls neither the
+    event loop nor the engine's tokenization of prompts, which the renderer does one at a time."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)  # the engine's may be reconfigured for truncation meanwhile
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.thread, partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens))
 
 
 @functools.cache
