@@ -168,10 +168,12 @@ def default_checkpoint() -> Path:
     """The embedded default model: a card-shaped random-weight checkpoint, built on first use.
 
     Kept in $TABLEFREE_CACHE (default ~/.cache/tablefree). Its weights are random: it
-    exercises the serving stack, it does not produce meaningful text.
+    exercises the serving stack, it does not produce meaningful text. Written in bfloat16, the
+    dtype vLLM's dtype="auto" serves it in (on CPUs and bf16 GPUs), so loading casts nothing.
     """
-    path = Path(os.environ.get("TABLEFREE_CACHE", Path.home() / ".cache" / "tablefree")) / "demo-card-seed0"
+    cache = Path(os.environ.get("TABLEFREE_CACHE", Path.home() / ".cache" / "tablefree"))
+    path = cache / "demo-card-seed0-bfloat16"
     if not (path / "config.json").exists():
         print(f"building the card-shaped demo checkpoint (random weights) in {path}")
-        make_checkpoint(path, make_config("card"), seed=0, force=True, progress=True)
+        make_checkpoint(path, make_config("card"), seed=0, dtype="bfloat16", force=True, progress=True)
     return path
