@@ -21,14 +21,28 @@ export TABLEFREE_DOCKER_IMAGE=${TABLEFREE_DOCKER_IMAGE:-tablefree:cpu}
 # Containers and volumes COMMAND makes carry this label (tests/test_docker_run.py), so that they go too.
 export TABLEFREE_DOCKER_LABEL=tablefree-run-$$
 BASE_IMAGE=$(sed -n 's/^ARG BASE_IMAGE=//p' "$DOCKERFILE")
-SCRATCH="" DOCKERD_PID="" INDEX_PID=""
+SCRATCH="" DOCKERD_PID="" INDEX_PID="" CHILD=""
 build_args=()
+set -m  # jobs in their own process groups, where SIGINT is not ignored (see interruptible)
 
 log() { echo "docker-local: $*" >&2; }
+
+interruptible() {  # bash runs no trap while a foreground command runs: wait on a background one instead
+    "$@" &
+    CHILD=$!
+    wait "$CHILD"
+    CHILD=""
+}
 
 teardown() {
     local status=$?
     set +e
+    if [ -n "$CHILD" ]; then  # interrupted: SIGINT first, on which pytest runs its own cleanup
+        for signal in INT TERM KILL; do
+            kill "-$signal" -- "-$CHILD" 2>/dev/null || break
+            for _ in $(seq 40); do kill -0 "$CHILD" 2>/dev/null || break 2; sleep 0.5; done
+        done
+    fi
     if docker info >/dev/null 2>&1; then
         docker ps -aq --filter "label=$TABLEFREE_DOCKER_LABEL" | xargs -r docker rm -f >/dev/null
         docker volume ls -q --filter "label=$TABLEFREE_DOCKER_LABEL" | xargs -r docker volume rm >/dev/null
@@ -129,8 +143,8 @@ else
     build_args+=(--network host)  # no bridge: the build reaches the index and the mirrors as the host does
 fi
 started=$SECONDS
-docker build "${build_args[@]}" -f "$DOCKERFILE" -t "$TABLEFREE_DOCKER_IMAGE" .
+interruptible docker build "${build_args[@]}" -f "$DOCKERFILE" -t "$TABLEFREE_DOCKER_IMAGE" .
 log "built $TABLEFREE_DOCKER_IMAGE in $((SECONDS - started)) s"
 if [ $# -gt 0 ]; then
-    "$@"
+    interruptible "$@"
 fi
