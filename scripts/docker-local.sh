@@ -35,7 +35,7 @@ interruptible() {  # bash runs no trap while a foreground command runs: wait on 
 }
 
 teardown() {
-    local status=$?
+    local status=$? pid
     set +e
     if [ -n "$CHILD" ]; then  # interrupted: SIGINT first, on which pytest runs its own cleanup
         for signal in INT TERM KILL; do
@@ -53,6 +53,9 @@ teardown() {
         for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
         kill -9 "$DOCKERD_PID" 2>/dev/null
         wait "$DOCKERD_PID" 2>/dev/null
+        # the containerd dockerd started outlives a dockerd that had to be killed (a stale pid file names another)
+        pid=$(cat "$SCRATCH/e/containerd/containerd.pid" 2>/dev/null)
+        [ -n "$pid" ] && grep -qF "$SCRATCH" "/proc/$pid/cmdline" 2>/dev/null && kill "$pid"
     fi
     [ -n "$INDEX_PID" ] && kill "$INDEX_PID" 2>/dev/null && wait "$INDEX_PID" 2>/dev/null
     if [ -n "$SCRATCH" ]; then
