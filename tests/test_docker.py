@@ -123,6 +123,7 @@ def load_healthcheck():
         ([], {}, "http://127.0.0.1:8000/health"),
         (["--port", "8503"], {}, "http://127.0.0.1:8503/health"),
         (["--served-model-name", "x", "--port=8503", "--dtype", "bfloat16"], {}, "http://127.0.0.1:8503/health"),
+        (["/models/checkpoint", "--port", "8503"], {}, "http://127.0.0.1:8503/health"),  # serve's MODEL
         ([], {"TABLEFREE_PORT": "9000"}, "http://127.0.0.1:9000/health"),
         (["--port", "8503"], {"TABLEFREE_PORT": "9000"}, "http://127.0.0.1:8503/health"),  # flags win, as in serve
         (["--host", "::", "--port", "9"], {}, "http://[::1]:9/health"),
