@@ -49,6 +49,9 @@ def resolve_model(args: argparse.Namespace, settings: ServerSettings) -> tuple[s
     """(path, served names, note): MODEL or --model, else TABLEFREE_MODEL, else the demo, built on first use."""
     model = args.model_tag or args.model or settings.model
     if model:
+        from model_impl.checkpoint import check_readable
+
+        check_readable(model)  # vLLM would say only "Invalid repository ID or local directory"
         return model, args.served_model_name or [model], "tablefree checkpoint"
     from model_impl.checkpoint import default_checkpoint
 
