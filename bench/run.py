@@ -17,7 +17,7 @@ PRESET = {"smoke": "tiny", "full": "card"}
 
 
 def table_free_checkpoint(size: str) -> Path:
-    """Ours, fp32 on disk: full is the server's card-shaped demo checkpoint; smoke a cached tiny one."""
+    """Ours: full is the server's card-shaped demo checkpoint (bf16 on disk); smoke a cached tiny one (fp32)."""
     if size == "full":
         return default_checkpoint()
     path = CACHE / f"tablefree-{PRESET[size]}"

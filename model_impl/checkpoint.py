@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,6 +144,7 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(staging)
+        apply_umask(staging)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         staging.rename(out)
@@ -151,14 +153,63 @@ def write_atomically(out: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain mkdir/open would (0777/0666 less the umask).
+
+    mkdtemp makes 0700 and the weights arrive as 0600 whatever the umask, so a checkpoint made by
+    one user (root, say) and mounted into a container running as another could not be read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # the only portable way to read it
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Raise PermissionError naming each part of a local checkpoint this process cannot read.
+
+    vLLM reports an unreadable checkpoint directory as "Invalid repository ID or local directory",
+    which hides why. A path that does not exist is left to the loader (it may be a hub repository id).
+    """
+    path = Path(path)
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        entries = [next((p for p in reversed(path.parents) if not os.access(p, os.X_OK)), path.parent)]
+    else:
+        entries = [path]
+        for dirpath, dirnames, filenames in os.walk(path):  # nothing below a directory it cannot list
+            entries += [Path(dirpath, name) for name in dirnames + filenames]
+    blocked = [p for p in entries if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0))]
+    if blocked:
+        raise PermissionError(
+            f"checkpoint {path} is not readable by uid {os.geteuid()}: {', '.join(map(_describe, blocked))}; "
+            f"make it readable (e.g. chmod -R a+rX {path})"
+        )
+
+
+def _describe(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return str(path)
+    return f"{path} ({stat.filemode(st.st_mode)}, owner uid {st.st_uid})"
+
+
 def default_checkpoint() -> Path:
     """The embedded default model: a card-shaped random-weight checkpoint, built on first use.
 
     Kept in $TABLEFREE_CACHE (default ~/.cache/tablefree). Its weights are random: it
-    exercises the serving stack, it does not produce meaningful text.
+    exercises the serving stack, it does not produce meaningful text. Written in bfloat16, the
+    dtype vLLM's dtype="auto" serves it in (on CPUs and bf16 GPUs), so loading casts nothing.
     """
-    path = Path(os.environ.get("TABLEFREE_CACHE", Path.home() / ".cache" / "tablefree")) / "demo-card-seed0"
+    cache = Path(os.environ.get("TABLEFREE_CACHE", Path.home() / ".cache" / "tablefree"))
+    path = cache / "demo-card-seed0-bfloat16"
     if not (path / "config.json").exists():
         print(f"building the card-shaped demo checkpoint (random weights) in {path}")
-        make_checkpoint(path, make_config("card"), seed=0, force=True, progress=True)
+        make_checkpoint(path, make_config("card"), seed=0, dtype="bfloat16", force=True, progress=True)
     return path

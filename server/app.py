@@ -1,19 +1,25 @@
 """The FastAPI app: OpenAI-compatible routes over one vLLM AsyncLLM."""
 
 import asyncio
+import copy
 import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from vllm.entrypoints.serve.tokenize.serving import TokenizerInfo
-from vllm.renderers import TokenizeParams
+from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+from .chat import CHAT_PARAMS, ChatRequest, chat_chunks, chat_response, render
 from .completions import Completions
 from .errors import APIError, engine_dead, engine_errors, error_json, install_error_handlers, shutting_down
 from .lifecycle import Admission, Lifecycle
@@ -21,7 +27,7 @@ from .metrics import Metrics
 from .middleware import Guard
 from .openapi import ERROR_RESPONSES, SSE_RESPONSE, describe_openapi
 from .protocol import (
-    APIModel, CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelList,
+    APIModel, ChatResponse, CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelList,
     TokenizeRequest, TokenizeResponse,
 )
 from .routes_codes import codes_router
@@ -93,24 +99,33 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
         min(settings.max_sequences_per_request, settings.max_concurrent_requests), metrics,
         engine.model_config.get_diff_sampling_param(),
     )
-    lifecycle = Lifecycle(engine, completions.abort_all, settings.shutdown_timeout)
+    lifecycle = Lifecycle(engine, completions.abort_all, engine.vllm_config.shutdown_timeout)
     admission = Admission(settings.max_concurrent_requests)
+    chat_template = Path(settings.chat_template).read_text() if settings.chat_template else None
     metrics.admitted.set_function(lambda: admission.in_flight)
     tokenizer = engine.get_tokenizer()
+    counting = Counting(tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         lifecycle.started()
+        if engine.log_stats:
+            lifecycle.spawn(log_engine_stats(engine))
         yield
         lifecycle.stopped()
         engine.shutdown(timeout=ENGINE_STOP_S)
 
-    app = FastAPI(title="tablefree", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="tablefree", version=_version(), lifespan=lifespan, root_path=settings.root_path,
                   description="OpenAI-compatible completions over vLLM for table-free language models.")
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=settings.api_key.get_secret_value() if settings.api_key else None,
                        max_body=settings.max_request_bytes, send_timeout=settings.send_timeout,
                        open_paths=OPEN_PATHS, lifecycle=lifecycle, metrics=metrics)
+    if settings.allowed_origins:  # outermost: a browser's preflight is answered before any key check
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=settings.allowed_methods, allow_headers=settings.allowed_headers,
+                           allow_credentials=settings.allow_credentials,
+                           expose_headers=["X-Request-Id", IGNORED_FIELDS_HEADER])
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in served.names:
@@ -134,23 +149,21 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
         if lifecycle.draining:
             raise shutting_down()
 
-    @app.post("/v1/completions", dependencies=[Depends(require_json)], response_model=CompletionResponse,
-              responses={**SSE_RESPONSE, **ERROR_RESPONSES})
-    async def create_completion(body: CompletionRequest, request: Request):
-        """OpenAI completions; with `stream: true` a Server-Sent Events stream of `text_completion` chunks
-        ending with `data: [DONE]`."""
-        headers = check_fields(body)
-        check_model(body.model)
-        check_engine()
+    async def run(body: CompletionRequest, request: Request, headers: dict | None, response_shape=None,
+                  chunk_shape=None):
+        """Plan, admit, then answer plainly or as an event stream (optionally reshaped, for chat)."""
         plan = await completions.plan(body)
         admission.admit(plan.sequences, request.state.cleanups)
         if not body.stream:
             result = await until_disconnect(request, completions.complete(plan))
-            return JSONResponse(result, headers=headers) if result else Response(status_code=499)
+            if result is None:
+                return Response(status_code=499)  # the client is gone; nobody reads this
+            return JSONResponse(response_shape(result) if response_shape else result, headers=headers)
 
         async def events():
+            chunks = completions.stream(plan)
             try:
-                async for chunk in completions.stream(plan):
+                async for chunk in chunk_shape(chunks) if chunk_shape else chunks:
                     yield {"data": to_json(chunk)}
             except APIError as err:  # after the 200: the error goes in the stream, as vLLM does
                 yield {"data": error_json(err).decode()}
@@ -164,10 +177,32 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
         # comments every 15 s keep proxies from closing streams that wait in the queue.
         return EventSourceResponse(events(), ping=15, sep="\n", headers=headers)
 
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
-    async def chat_completions():
-        raise APIError(404, "this is a base model with no chat template: use /v1/completions with a plain prompt",
-                       None, "chat_not_supported")
+    @app.post("/v1/completions", dependencies=[Depends(require_json)], response_model=CompletionResponse,
+              responses={**SSE_RESPONSE, **ERROR_RESPONSES})
+    async def create_completion(body: CompletionRequest, request: Request):
+        """OpenAI completions; with `stream: true` a Server-Sent Events stream of `text_completion` chunks
+        ending with `data: [DONE]`."""
+        headers = check_fields(body)
+        check_model(body.model)
+        check_engine()
+        return await run(body, request, headers)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_json)], response_model=ChatResponse,
+              responses={**SSE_RESPONSE, **ERROR_RESPONSES})
+    async def chat_completions(body: ChatRequest, request: Request):
+        """OpenAI chat, with the operator's --chat-template; without one, 404 (a base model has none)."""
+        if chat_template is None:
+            raise APIError(404, "this is a base model with no chat template: use /v1/completions with a plain "
+                           "prompt, or start the server with --chat-template FILE", None, "chat_not_supported")
+        headers = check_fields(body)
+        check_model(body.model)
+        check_engine()
+        completion = body.completion(render(tokenizer, chat_template, body), served.max_model_len)
+        try:
+            return await run(completion, request, headers, chat_response, chat_chunks)
+        except APIError as err:
+            err.param = CHAT_PARAMS.get(err.param, err.param)
+            raise
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
@@ -198,16 +233,37 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        """vLLM's own `vllm:*` metrics (the engine computes them), then this server's `tablefree_*`."""
+        body = generate_latest(get_prometheus_registry()) + generate_latest(metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/server_info", responses=ERROR_RESPONSES)
+    async def server_info():
+        """The engine's effective settings (what it runs with, defaults resolved)."""
+        config = engine.vllm_config
+        return {
+            "served_model_names": served.names, "model": served.path, "max_model_len": served.max_model_len,
+            "dtype": str(config.model_config.dtype).removeprefix("torch."), "seed": config.model_config.seed,
+            "enforce_eager": config.model_config.enforce_eager, "quantization": config.model_config.quantization,
+            "max_num_seqs": config.scheduler_config.max_num_seqs,
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+            "kv_cache_memory_bytes": config.cache_config.kv_cache_memory_bytes,
+            "gpu_memory_utilization": config.cache_config.gpu_memory_utilization,
+            "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+            "pipeline_parallel_size": config.parallel_config.pipeline_parallel_size,
+            "distributed_executor_backend": str(config.parallel_config.distributed_executor_backend),
+            "compilation_mode": str(config.compilation_config.mode),
+            "generation_defaults": completions.default_params,
+            "chat_template": settings.chat_template,
+        }
 
     @app.post("/tokenize", dependencies=[Depends(require_json)], response_model=TokenizeResponse,
               responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest):
         headers = check_fields(body)
         check_model(body.model)
-        params = TokenizeParams(max_total_tokens=None, max_output_tokens=0, add_special_tokens=body.add_special_tokens)
-        with engine_errors():  # in the renderer's worker thread: a huge text does not stall the loop
-            ids = (await engine.renderer.tokenize_prompt_async({"prompt": body.prompt}, params))["prompt_token_ids"]
+        ids = await counting.encode(body.prompt, body.add_special_tokens)
         result = {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
         if body.return_token_strs:
             result["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
@@ -231,6 +287,28 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
                                     check_fields), dependencies=[Depends(require_json)])
     describe_openapi(app)
     return app, lifecycle
+
+
+async def log_engine_stats(engine) -> None:
+    """vLLM's periodic throughput log line, as its own server writes it."""
+    from vllm import envs
+
+    while True:
+        await asyncio.sleep(envs.VLLM_LOG_STATS_INTERVAL)
+        await engine.do_log_stats()
+
+
+class Counting:
+    """/tokenize's own tokenizer and thread: counting a text of megabytes (seconds) stalls neither the
+    event loop nor the engine's tokenization of prompts, which the renderer does one at a time."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = copy.deepcopy(tokenizer)  # the engine's may be reconfigured for truncation meanwhile
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.thread, partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens))
 
 
 @functools.cache

@@ -62,19 +62,28 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_command(args: argparse.Namespace) -> int:
+def serve_main(argv: Sequence[str]) -> int:
+    """`tablefree serve`: this server's options, then every engine option of `vllm serve`, with vLLM's parser."""
     from pydantic import ValidationError
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from .engine import add_engine_flags
     from .run import serve
-    from .settings import ServerSettings
+    from .settings import add_server_flags, settings_from
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    parser = FlexibleArgumentParser(prog="tablefree serve", description=SERVE_HELP)
+    parser.add_argument("model_tag", nargs="?", metavar="MODEL",
+                        help="checkpoint directory, as in `vllm serve MODEL` (or --model, or TABLEFREE_MODEL); "
+                        "default: the card-shaped demo with random weights")
+    add_server_flags(parser)
+    add_engine_flags(parser)
+    args = parser.parse_args(argv)
     try:
-        settings = ServerSettings(**given)  # flags override TABLEFREE_* environment variables
+        settings = settings_from(args)
     except ValidationError as err:
         print(f"tablefree serve: error: {err}", file=sys.stderr)
         return 2
-    code = serve(settings)
+    code = serve(args, settings)
     # The engine is down and every response sent: skip the interpreter's teardown of torch, OpenMP
     # and zmq, which takes seconds and does nothing more (a supervisor is waiting for the exit).
     logging.shutdown()
@@ -164,6 +173,9 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+SERVE_HELP = "OpenAI-compatible server over vLLM (server options also from TABLEFREE_<OPTION> variables)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tablefree", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -224,28 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how many leading values of each vector to show (default 16)")
     codes.set_defaults(func=codes_command)
 
-    serve = commands.add_parser("serve", help="OpenAI-compatible server (env: TABLEFREE_<OPTION>)")
-    serve.add_argument("--model", help="checkpoint directory (default: the card-shaped demo, random weights)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API")
-    serve.add_argument("--served-model-name")
-    serve.add_argument("--max-model-len", type=int)
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument("--kv-cache-gb", type=float)
-    serve.add_argument("--tensor-parallel-size", type=int)
-    serve.add_argument("--max-concurrent-requests", type=int)
-    serve.add_argument("--max-sequences-per-request", type=int)
-    serve.add_argument("--max-request-bytes", type=int)
-    serve.add_argument("--shutdown-timeout", type=float, help="on SIGTERM, seconds requests in flight may finish")
-    serve.add_argument("--send-timeout", type=float)
-    serve.add_argument("--strict-fields", action="store_const", const=True, help="unknown request fields are 400s")
-    serve.add_argument("--seed", type=int)
-    serve.set_defaults(func=serve_command)
+    commands.add_parser("serve", help=SERVE_HELP + "; `tablefree serve --help` lists every option")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # its parser is vLLM's, built only when serving
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

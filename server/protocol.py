@@ -66,34 +66,20 @@ class StreamOptions(APIModel):
     continuous_usage_stats: StrictBool = Field(False, description="usage in every chunk (vLLM)")
 
 
-class CompletionRequest(APIModel):
+class SamplingRequest(APIModel):
+    """What completions and chat share: the model, sampling, stopping, streaming, vLLM's extras."""
+
     model: Text | None = Field(None, description="the served model's name or an alias; default: the served model")
-    prompt: (
-        Annotated[Text, Field(min_length=1)]
-        | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1)]
-        | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    ) = Field(description="a string, a list of strings, a list of token ids or a list of lists of token ids")
-    max_tokens: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] = Field(
-        16, description="tokens to generate; shortened to fit the context; 0 only with echo (score the prompt)"
-    )
     temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[StrictInt, Field(ge=-1, le=INT32_MAX)] = Field(0, description="0 or -1: disabled")
     min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0
     n: Annotated[StrictInt, Field(ge=1, le=INT32_MAX)] = 1
-    best_of: Annotated[StrictInt, Field(ge=1, le=INT32_MAX)] | None = Field(
-        None, description="sample best_of, return the n with the highest cumulative logprob (not with stream)"
-    )
     stop: Annotated[Text, Field(min_length=1)] | Annotated[
         list[Annotated[Text, Field(min_length=1)]], Field(max_length=64)
     ] | None = None
     stop_token_ids: list[TokenId] | None = None
     seed: Int64 | None = None
-    logprobs: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] | None = Field(
-        None, description="top logprobs per token, up to the engine's max_logprobs (20 by default)"
-    )
-    echo: StrictBool = False
     presence_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
     repetition_penalty: Annotated[Number, Field(gt=0, le=2)] = 1.0
@@ -103,7 +89,6 @@ class CompletionRequest(APIModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    suffix: Text | None = Field(None, description="not supported: this model has no fill-in-the-middle")
     # vLLM's extras, with vLLM's meanings
     ignore_eos: StrictBool = False
     include_stop_str_in_output: StrictBool = False
@@ -116,18 +101,38 @@ class CompletionRequest(APIModel):
     truncation_side: Literal["left", "right"] | None = Field(
         None, description="with truncate_prompt_tokens: 'left' keeps the last tokens, 'right' the first"
     )
-    add_special_tokens: StrictBool = True
     return_tokens_as_token_ids: StrictBool = Field(False, description="logprob tokens as 'token_id:N'")
     return_token_ids: StrictBool = Field(False, description="add token_ids and prompt_token_ids to choices")
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: (
+        Annotated[Text, Field(min_length=1)]
+        | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(description="a string, a list of strings, a list of token ids or a list of lists of token ids")
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=INT64_MAX)] = Field(
+        16, description="tokens to generate; shortened to fit the context; 0 only with echo (score the prompt)"
+    )
+    best_of: Annotated[StrictInt, Field(ge=1, le=INT32_MAX)] | None = Field(
+        None, description="sample best_of, return the n with the highest cumulative logprob (not with stream)"
+    )
+    logprobs: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] | None = Field(
+        None, description="top logprobs per token, up to the engine's max_logprobs (20 by default)"
+    )
+    echo: StrictBool = False
+    suffix: Text | None = Field(None, description="not supported: this model has no fill-in-the-middle")
+    add_special_tokens: StrictBool = True
     prompt_logprobs: Annotated[StrictInt, Field(ge=-1, le=INT32_MAX)] | None = Field(
         None, description="top logprobs of each prompt token (-1: the whole vocabulary); not with stream"
     )
     use_beam_search: StrictBool = Field(False, description="beam search of width n (not with stream)")
     length_penalty: Number = 1.0
-
-    @property
-    def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class TokenizeRequest(APIModel):
@@ -197,6 +202,42 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatLogprob):
+    top_logprobs: list[ChatLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+    stop_reason: int | str | None = None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage
 
 

@@ -35,8 +35,9 @@ def session_processes(leader: int) -> list[psutil.Process]:
 class ServerProcess:
     """A server command in its own session, its output in a temporary file (never a pipe it could fill)."""
 
-    def __init__(self, cmd: list[str], port: int, env: dict | None = None, cwd=None) -> None:
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, cmd: list[str], port: int, env: dict | None = None, cwd=None, verify=True,
+                 scheme: str = "http") -> None:
+        self.base, self.verify = f"{scheme}://127.0.0.1:{port}", verify
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                      cwd=cwd, start_new_session=True)
@@ -51,7 +52,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()[-6000:]}")
             try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.base}/health", timeout=2, verify=self.verify).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -73,12 +74,13 @@ class ServerProcess:
 
 
 @contextmanager
-def live_server(cmd: list[str], port: int, env: dict | None = None, timeout: float = 300, cwd=None) -> Iterator[str]:
-    """Run `cmd` (a server on `port`); yield its base URL once /health is 200.
+def live_server(cmd: list[str], port: int, env: dict | None = None, timeout: float = 300, cwd=None,
+                **tls) -> Iterator[str]:
+    """Run `cmd` (a server on `port`); yield its base URL once /health is 200 (`tls`: scheme, verify).
 
     On exit the whole session gets SIGTERM, and the test fails if any process of it is left.
     """
-    server = ServerProcess(cmd, port, env, cwd)
+    server = ServerProcess(cmd, port, env, cwd, **tls)
     try:
         server.wait_healthy(timeout)
         yield server.base

@@ -2,8 +2,12 @@
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -112,10 +116,75 @@ def test_card_preset_reports_about_470m_parameters_and_no_input_embedding(tmp_pa
     assert "random weights: 100%" in proc.stderr  # the progress bar
 
 
-def test_readme_test_command_is_what_ci_runs():
+def test_checkpoint_modes_follow_the_umask(tmp_path):
+    from model_impl.checkpoint import make_checkpoint, make_config
+
+    old = os.umask(0o027)
+    try:
+        make_checkpoint(tmp_path / "ckpt", make_config("tiny"))
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "ckpt", *(tmp_path / "ckpt").rglob("*")]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in paths}
+    assert modes == {p.name: 0o750 if p.is_dir() else 0o640 for p in paths}
+
+
+UNREADABLE_ERRORS = """
+import sys
+from model_impl.checkpoint import check_readable
+for path in sys.argv[1:]:
+    try:
+        check_readable(path)
+        print("readable")
+    except PermissionError as err:
+        print(err)
+"""
+
+
+def test_unreadable_checkpoint_is_named_with_the_reason(tiny_checkpoint):
+    """As in a container running as another user: parts owned by someone else and closed to others.
+
+    Root reads everything, so as root the parts belong to uid 65534 and the check runs without
+    root's permission-override capabilities.
+    """
+    as_root = os.geteuid() == 0
+    owner, file_mode, dir_mode = (65534, 0o600, 0o700) if as_root else (os.geteuid(), 0, 0)
+    with tempfile.TemporaryDirectory() as scratch:
+        cases = {name: Path(scratch, name, "ckpt") for name in ("weights", "directory", "parent", "fine")}
+        for ckpt in cases.values():
+            shutil.copytree(tiny_checkpoint, ckpt)
+        closed = {cases["weights"] / "model.safetensors": file_mode, cases["directory"]: dir_mode,
+                  cases["parent"].parent: dir_mode}
+        described = {}
+        for path, mode in closed.items():
+            os.chown(path, owner, owner)
+            path.chmod(mode)
+            described[path] = f"{path} ({stat.filemode(path.stat().st_mode)}, owner uid {owner})"
+        no_override = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if as_root else []
+        proc = subprocess.run(
+            [*no_override, sys.executable, "-c", UNREADABLE_ERRORS, *map(str, cases.values()), "no-such/model"],
+            capture_output=True, text=True, cwd=REPO, timeout=300,
+        )
+        for path in closed:
+            path.chmod(0o700)  # so that the scratch directory can be removed
+    assert proc.returncode == 0, proc.stderr
+    weights, directory, parent, fine, hub_id = proc.stdout.strip().splitlines()
+    prefix = "checkpoint {} is not readable by uid %d: " % os.geteuid()
+    assert weights == prefix.format(cases["weights"]) + described[cases["weights"] / "model.safetensors"] + (
+        f"; make it readable (e.g. chmod -R a+rX {cases['weights']})")
+    assert directory.startswith(prefix.format(cases["directory"]) + described[cases["directory"]] + ";")
+    assert parent.startswith(prefix.format(cases["parent"]) + described[cases["parent"].parent] + ";")
+    assert (fine, hub_id) == ("readable", "readable")
+
+
+def test_readme_test_commands_are_what_ci_runs():
     readme = (REPO / "README.md").read_text()
-    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert f"\n{ci}\n" in readme
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    commands = [line for line in ci if line.startswith(("bash ", ".venv/"))]
+    assert len(commands) == 2  # the tests, and the Docker tests when TABLEFREE_DOCKER_TESTS=1
+    for command in commands:
+        assert f"\n{command}\n" in readme
+    assert 'if [ "${TABLEFREE_DOCKER_TESTS:-0}" = 1 ]; then' in ci and "TABLEFREE_DOCKER_TESTS=1" in readme
 
 
 def test_vllm_is_never_a_hard_dependency():

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from .conftest import serve_cmd, tablefree
+from .conftest import auth, serve_cmd, tablefree
 from .live_server import ServerProcess, free_port, live_server, session_processes, wait_for_metric
 
 pytest.importorskip("vllm")
@@ -202,3 +202,26 @@ def test_sigterm_during_start_up_stops_the_server(slow_checkpoint):
     _, alive = psutil.wait_procs(group, timeout=30)
     server.stop()
     assert code == 0 and not alive, (code, alive)
+
+
+def test_a_4mb_prompt_does_not_stall_the_other_requests(server):
+    """Tokenizing megabytes takes seconds; it runs off the event loop, so health checks and other
+    requests are answered meanwhile (and a completion prompt that cannot fit is refused untokenized)."""
+    big = "Question: What is the capital of UK?\nAnswer: London. " * (3_800_000 // 53)  # 3.9 MB of JSON
+
+    async def run() -> list[tuple[str, int]]:
+        answered = []
+        async with httpx.AsyncClient(base_url=server, headers=auth(), timeout=300) as http:
+            async def send(name: str, method: str, path: str, **kwargs) -> None:
+                answered.append((name, (await http.request(method, path, **kwargs)).status_code))
+
+            async def meanwhile() -> None:
+                await asyncio.sleep(0.5)  # the big body is in, its tokenization under way
+                await send("health", "GET", "/health")
+                await send("completion", "POST", "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                await send("4 MB completion", "POST", "/v1/completions", json={"prompt": big})
+
+            await asyncio.gather(send("4 MB tokenize", "POST", "/tokenize", json={"prompt": big}), meanwhile())
+        return answered
+
+    assert asyncio.run(run()) == [("health", 200), ("completion", 200), ("4 MB completion", 400), ("4 MB tokenize", 200)]
