@@ -38,6 +38,11 @@ def layout(code: TokenCode) -> dict:
 def code_rows(tokenizer, code: TokenCode, text: str, first: int = CODE_BITS) -> list[CodeRow]:
     """Rows for the tokens of `text` (tokenized as for a prompt); `first` values of each vector, at most the width."""
     ids = tokenizer.encode(text)
+    return rows_for_ids(code, ids, tokenizer.convert_ids_to_tokens(ids), first)
+
+
+def rows_for_ids(code: TokenCode, ids: list[int], tokens: list[str], first: int = CODE_BITS) -> list[CodeRow]:
+    """Rows for token ids already tokenized (`tokens`: their vocabulary entries)."""
     if not ids:
         return []
     tensor = torch.tensor(ids)
@@ -46,7 +51,6 @@ def code_rows(tokenizer, code: TokenCode, text: str, first: int = CODE_BITS) -> 
     coder = TokenCoder(code)
     plain, recoded = recode(tensor, binary.masks, binary.shift), recode(tensor, coder.masks, coder.shift)
     values = expand(recoded, code, torch.float32)[:, : min(first, code.width)]
-    tokens = tokenizer.convert_ids_to_tokens(ids)
     return [
         CodeRow(token, i, bit_string(p), bit_string(r), v)
         for token, i, p, r, v in zip(tokens, ids, plain.tolist(), recoded.tolist(), values.tolist())

@@ -283,8 +283,9 @@ def create_app(settings: ServerSettings, engine, served: ServedModel) -> tuple[F
         """The tokenizer's configuration (tokenizer_config.json), as vLLM's server gives it."""
         return TokenizerInfo(tokenizer, None).to_dict()
 
-    app.include_router(codes_router(tokenizer, engine.model_config.hf_config, served.max_model_len, check_model,
-                                    check_fields), dependencies=[Depends(require_json)])
+    codes = codes_router(tokenizer, lambda text: counting.encode(text, True), engine.model_config.hf_config,
+                         served.max_model_len, check_model, check_fields)
+    app.include_router(codes, dependencies=[Depends(require_json)])
     describe_openapi(app)
     return app, lifecycle
 

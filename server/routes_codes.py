@@ -4,15 +4,14 @@ For each token: its vocabulary entry, id, bin_16(id), A c xor b and the first va
 vector that enters the first block. Researchers use it to see the model's input.
 """
 
-import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt
 
 from model_impl import TokenCode
-from model_impl.code_rows import code_rows, layout
+from model_impl.code_rows import layout, rows_for_ids
 
 from .errors import APIError
 from .openapi import ERROR_RESPONSES
@@ -49,10 +48,12 @@ class CodesResponse(BaseModel):
     data: list[CodeRow]
 
 
-def codes_router(tokenizer, config, max_tokens: int, check_model: Callable[[str | None], None],
+def codes_router(tokenizer, encode: Callable[[str], Awaitable[list[int]]], config, max_tokens: int,
+                 check_model: Callable[[str | None], None],
                  check_fields: Callable[[APIModel], dict[str, str] | None]) -> APIRouter:
-    """`config`: the served checkpoint's; `max_tokens`: the longest prompt shown (the context length);
-    `check_model` and `check_fields` answer for the model name and unknown fields as every route does."""
+    """`encode`: the server's tokenization of a prompt (off the event loop); `config`: the served
+    checkpoint's; `max_tokens`: the longest prompt shown (the context length); `check_model` and
+    `check_fields` answer for the model name and unknown fields as every route does."""
     router = APIRouter()
     code = TokenCode.from_config(config) if config.input_kind == "codes" else None
 
@@ -66,10 +67,11 @@ def codes_router(tokenizer, config, max_tokens: int, check_model: Callable[[str 
                            "codes_not_supported")
         if body.values > code.width:
             raise APIError(400, f"values must be at most the model width {code.width}", "values", "invalid_value")
-        rows = await asyncio.to_thread(code_rows, tokenizer, code, body.prompt, body.values)  # off the event loop
-        if len(rows) > max_tokens:
-            raise APIError(400, f"prompt has {len(rows)} tokens, more than the context length {max_tokens}",
+        ids = await encode(body.prompt)
+        if len(ids) > max_tokens:
+            raise APIError(400, f"prompt has {len(ids)} tokens, more than the context length {max_tokens}",
                            "prompt", "context_length_exceeded")
+        rows = rows_for_ids(code, ids, tokenizer.convert_ids_to_tokens(ids), body.values)
         result = {"object": "list", "layout": layout(code), "data": [row.as_dict() for row in rows]}
         return JSONResponse(result, headers=headers)
 
