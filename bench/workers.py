@@ -3,7 +3,7 @@
     python -m bench.workers vllm|transformers '<json request>'   -> prints `RESULT <json>`
 
 request: {"model": dir, "dtype": "float32"|"bfloat16", "prompts": [[ids]], "max_tokens": N,
-          "mode": "batch" | "single", "kv_cache_bytes": N}
+          "mode": "batch" | "single", "kv_cache_bytes": N, "enforce_eager": true (default) | false}
 result: {"tokens": generated tokens, "seconds": generation time (after a warm-up), ...}
 """
 
@@ -19,8 +19,10 @@ def run_vllm(req: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=req["model"], dtype=req["dtype"], enforce_eager=True, max_model_len=1024, seed=0,
-              kv_cache_memory_bytes=req.get("kv_cache_bytes", 2 << 30))
+    start = time.perf_counter()
+    llm = LLM(model=req["model"], dtype=req["dtype"], enforce_eager=req.get("enforce_eager", True), max_model_len=1024,
+              seed=0, kv_cache_memory_bytes=req.get("kv_cache_bytes", 2 << 30))
+    start_seconds = time.perf_counter() - start  # load, and compile when not eager
     params = SamplingParams(temperature=0, max_tokens=req["max_tokens"], ignore_eos=True)
     first_token = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     batches = [req["prompts"]] if req["mode"] == "batch" else [[p] for p in req["prompts"]]
@@ -37,7 +39,7 @@ def run_vllm(req: dict) -> dict:
     for batch in batches:
         generate(batch, first_token)
     first_seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "first_token_seconds": first_seconds,
+    return {"tokens": tokens, "seconds": seconds, "first_token_seconds": first_seconds, "start_seconds": start_seconds,
             "decode_tokens_per_s": (tokens - len(req["prompts"])) / max(seconds - first_seconds, 1e-9)}
 
 
