@@ -90,8 +90,8 @@ def ray_head(timeout: float = 120) -> Iterator[dict]:
     temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
     cmd = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--port", env["RAY_ADDRESS"].split(":")[1], "--num-cpus", str(os.cpu_count()), "--include-dashboard",
-        "false", "--disable-usage-stats", "--temp-dir", temp,
+        "--port", env["RAY_ADDRESS"].split(":")[1], "--ray-client-server-port", str(free_port()),  # not 10001
+        "--num-cpus", str(os.cpu_count()), "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp,
     ]
     log = tempfile.TemporaryFile()
     head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},

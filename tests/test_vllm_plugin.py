@@ -139,9 +139,11 @@ def assert_same_tokens(got, engine, prompts) -> None:
 
 
 def test_tensor_parallel_2_gives_the_tp1_tokens(tiny_checkpoint, engine, prompts, reference):
-    tp2 = generate_in_subprocess(tiny_checkpoint, prompts, TWO_RANKS, tensor_parallel_size=2)
-    assert_parity(compare(reference, tp2))
-    assert_same_tokens(tp2, engine, prompts)
+    run = run_in_subprocess(tiny_checkpoint, prompts, TWO_RANKS, tensor_parallel_size=2)
+    assert (run.facts["tensor_parallel_size"], run.facts["distributed_executor_backend"]) == (2, "mp")
+    assert run.facts["compiled"] == [False, False]  # two eager workers
+    assert_parity(compare(reference, run.completions))
+    assert_same_tokens(run.completions, engine, prompts)
 
 
 def test_compiled_path_matches_transformers(tiny_checkpoint, engine, prompts, reference, tmp_path):

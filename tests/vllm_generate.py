@@ -6,6 +6,7 @@ and `RESULT <json>`: `parity.completions` of the outputs.
 """
 
 import json
+import os
 import sys
 
 from tests.parity import backbone_compiled, completions, engine_settings, greedy_params
@@ -27,6 +28,7 @@ def facts(llm) -> dict:
 
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships `backbone_compiled` to workers
     from vllm import LLM
 
     llm = LLM(**engine_settings(request["checkpoint"], **request.get("engine", {})))
