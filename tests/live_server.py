@@ -2,13 +2,17 @@
 
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import psutil
@@ -43,8 +47,7 @@ class ServerProcess:
                                      cwd=cwd, start_new_session=True)
 
     def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
+        return _read(self.log).decode(errors="replace")
 
     def wait_healthy(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -62,13 +65,7 @@ class ServerProcess:
 
     def stop(self) -> list[psutil.Process]:
         """SIGTERM to the whole session; returns what is still running after 30 s (then killed)."""
-        group = session_processes(self.proc.pid)
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=90)
-        _, alive = psutil.wait_procs(group, timeout=30)
-        for p in alive:
-            p.kill()
+        alive = _stop_session(self.proc)
         self.log.close()
         return alive
 
@@ -100,3 +97,57 @@ def wait_for_metric(base: str, name: str, value: float, within: float) -> float:
     while (current := metric(base, name)) != value and time.monotonic() < deadline:
         time.sleep(0.05)
     return current
+
+
+def _stop_session(leader: subprocess.Popen) -> list[psutil.Process]:
+    """SIGTERM to the session `leader` started; returns (and kills) what was still running after 30 s."""
+    group = session_processes(leader.pid)
+    if leader.poll() is None:
+        os.killpg(leader.pid, signal.SIGTERM)
+    leader.wait(timeout=90)
+    _, alive = psutil.wait_procs(group, timeout=30)
+    for p in alive:
+        p.kill()
+    return alive
+
+
+@contextmanager
+def ray_head(timeout: float = 120) -> Iterator[dict]:
+    """A one-node Ray cluster (`ray start --head --block`) in its own session.
+
+    Yields the environment a Ray driver needs to join it: the address and the cluster's own
+    auth token (Ray enables token auth; a token of its own keeps ~/.ray out of the test).
+    Ray's GCS and raylet listen on all interfaces: Ray has no loopback-only switch.
+    """
+    env = {
+        "RAY_ADDRESS": f"127.0.0.1:{free_port()}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once, not after Ray's 30 s drain
+    }
+    temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
+    cmd = [
+        str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--port", env["RAY_ADDRESS"].split(":")[1], "--ray-client-server-port", str(free_port()),  # not 10001
+        "--num-cpus", str(os.cpu_count()), "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp,
+    ]
+    log = tempfile.TemporaryFile()
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while b"Ray runtime started" not in _read(log):
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed: {_read(log).decode()[-4000:]}")
+            time.sleep(0.5)
+        yield env
+    finally:
+        alive = _stop_session(head)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not alive, f"left running after SIGTERM: {alive}"
+
+
+def _read(log) -> bytes:
+    log.seek(0)
+    return log.read()

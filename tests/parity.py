@@ -52,14 +52,35 @@ def engine_settings(checkpoint, **overrides) -> dict:
     return {**settings, **overrides}
 
 
+def backbone_compiled(model) -> bool:
+    """Whether a worker's TableFreeModel went through vLLM's torch.compile wrapper (eager engines never
+    set up the wrapper). For `apply_model`, which pickles the function by name: so it lives here."""
+    return getattr(model.model, "compiled", False)
+
+
 def greedy_params(**overrides):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=5, ignore_eos=True, **overrides)
 
 
-def generate_in_subprocess(checkpoint, prompts, env: dict | None = None, **engine) -> list:
-    """Greedy completions from an engine in a process of its own.
+class EngineFailed(RuntimeError):
+    """An engine process failed: `output` is all it wrote (vLLM logs, its workers' errors included,
+    go to stdout; the traceback to stderr), the message the end of that."""
+
+    def __init__(self, output: str) -> None:
+        super().__init__(output[-6000:])
+        self.output = output
+
+
+@dataclass
+class EngineRun:
+    completions: list[Completion]
+    facts: dict  # the engine's effective settings, as `tests.vllm_generate.facts` reads them
+
+
+def run_in_subprocess(checkpoint, prompts, env: dict | None = None, **engine) -> EngineRun:
+    """Greedy completions from an engine in a process of its own, and what that engine ran.
 
     In-process engines share vLLM's global state, so the test process holds only the
     default engine; every other setting gets a fresh process.
@@ -70,6 +91,11 @@ def generate_in_subprocess(checkpoint, prompts, env: dict | None = None, **engin
         cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
     )
     if proc.returncode:
-        raise RuntimeError(proc.stderr[-6000:])
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    return [(tokens, [{int(t): lp for t, lp in step.items()} for step in tops]) for tokens, tops in result]
+        raise EngineFailed(proc.stdout + proc.stderr)
+    lines = {line[:6]: json.loads(line[7:]) for line in proc.stdout.splitlines() if line[:7] in ("ENGINE ", "RESULT ")}
+    got = [(tokens, [{int(t): lp for t, lp in step.items()} for step in tops]) for tokens, tops in lines["RESULT"]]
+    return EngineRun(got, lines["ENGINE"])
+
+
+def generate_in_subprocess(checkpoint, prompts, env: dict | None = None, **engine) -> list[Completion]:
+    return run_in_subprocess(checkpoint, prompts, env, **engine).completions

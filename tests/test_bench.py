@@ -17,6 +17,7 @@ BENCHMARKS = {
     "decode_bandwidth": [],
     "server_vs_vllm": [],
     "cold_start": [],
+    "compiled_vs_eager": ["--dtypes", "float32", "--batches", "2"],
 }
 
 

@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from model_impl.checkpoint import make_checkpoint, make_config
 
 from .conftest import tablefree
-from .live_server import free_port, live_server
+from .live_server import free_port, live_server, ray_head
 from .parity import (
-    NEW_TOKENS, completions, compare, engine_settings, generate_in_subprocess, greedy_params, mixed_prompts,
-    transformers_greedy,
+    NEW_TOKENS, EngineFailed, completions, compare, engine_settings, generate_in_subprocess, greedy_params,
+    mixed_prompts, run_in_subprocess, transformers_greedy,
 )
 
 vllm = pytest.importorskip("vllm")
@@ -155,12 +155,61 @@ def test_broken_checkpoints_fail_naming_the_tensor(tiny_checkpoint, tmp_path, ed
     assert message in str(info.value)
 
 
+# Two ranks on this CPU: worker processes, one core per rank.
+TWO_RANKS = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+
+
+def assert_same_tokens(got, engine, prompts) -> None:
+    assert [tokens for tokens, _ in got] == [tokens for tokens, _ in greedy(engine, prompts)]
+
+
 def test_tensor_parallel_2_gives_the_tp1_tokens(tiny_checkpoint, engine, prompts, reference):
-    """TP=2 on this CPU: one core per rank (VLLM_CPU_OMP_THREADS_BIND="0|1")."""
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    tp2 = generate_in_subprocess(tiny_checkpoint, prompts, env, tensor_parallel_size=2)
-    assert_parity(compare(reference, tp2))
-    assert [tokens for tokens, _ in tp2] == [tokens for tokens, _ in greedy(engine, prompts)]
+    run = run_in_subprocess(tiny_checkpoint, prompts, TWO_RANKS, tensor_parallel_size=2)
+    assert (run.facts["tensor_parallel_size"], run.facts["distributed_executor_backend"]) == (2, "mp")
+    assert run.facts["compiled"] == [False, False]  # two eager workers
+    assert_parity(compare(reference, run.completions))
+    assert_same_tokens(run.completions, engine, prompts)
+
+
+def test_compiled_path_matches_transformers(tiny_checkpoint, engine, prompts, reference, tmp_path):
+    """enforce_eager=False, vLLM's default on GPUs: on CPU, Dynamo traces TableFreeModel once and
+    Inductor compiles it. A compile cache of its own, so the test compiles as a fresh machine does."""
+    run = run_in_subprocess(tiny_checkpoint, prompts, {"VLLM_CACHE_ROOT": str(tmp_path)}, enforce_eager=False)
+    assert (run.facts["compilation_mode"], run.facts["compile_backend"]) == ("DYNAMO_TRACE_ONCE", "inductor")
+    assert run.facts["compiled"] == [True]
+    assert_parity(compare(reference, run.completions))
+    assert_same_tokens(run.completions, engine, prompts)
+
+
+def test_pipeline_parallel_2_gives_the_single_process_tokens(tiny_checkpoint, engine, prompts, reference, tmp_path):
+    """PP=2 on this CPU runs on the compiled path only (the eager refusal is the next test)."""
+    env = {**TWO_RANKS, "VLLM_CACHE_ROOT": str(tmp_path)}
+    run = run_in_subprocess(tiny_checkpoint, prompts, env, pipeline_parallel_size=2, enforce_eager=False)
+    assert (run.facts["pipeline_parallel_size"], run.facts["distributed_executor_backend"]) == (2, "mp")
+    assert run.facts["compiled"] == [True, True]
+    assert_parity(compare(reference, run.completions))
+    assert_same_tokens(run.completions, engine, prompts)
+
+
+def test_pipeline_parallel_eager_fails_in_vllms_cpu_runner(tiny_checkpoint):
+    """vLLM 0.32's CPU runner allocates the buffer for hidden states received from the previous
+    stage only in its warm-up, which it skips when eager: the last stage fails its first step.
+    vLLM's in-tree GPT-2 fails the same way, so this documents vLLM, not the plugin."""
+    with pytest.raises(EngineFailed) as info:
+        generate_in_subprocess(tiny_checkpoint, [[1, 2, 3]], TWO_RANKS, pipeline_parallel_size=2)
+    assert "in sync_and_gather_intermediate_tensors" in info.value.output
+    assert "assert self.intermediate_tensors is not None" in info.value.output
+
+
+def test_ray_executor_is_refused_by_vllms_cpu_platform(tiny_checkpoint):
+    """TP=2 with the Ray backend, on a local Ray cluster: vLLM joins it, then refuses, because its
+    CPU platform names no Ray resource for a worker (`ray_device_key` is empty)."""
+    pytest.importorskip("ray")
+    with ray_head() as ray_env, pytest.raises(EngineFailed) as info:
+        generate_in_subprocess(tiny_checkpoint, [[1, 2, 3]], {**TWO_RANKS, **ray_env}, tensor_parallel_size=2,
+                               distributed_executor_backend="ray")
+    assert "Connected to Ray cluster" in info.value.output
+    assert "ValueError: current platform cpu does not support ray." in info.value.output
 
 
 def test_vllm_openai_server_serves_the_checkpoint(tiny_checkpoint, engine):
