@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 import model_impl  # noqa: F401  registers the Auto classes
-from vllm_plugin.parity import TIE_GAP, Reference, compare, completions, greedy_reference  # noqa: F401  re-exported
+from vllm_plugin.parity import TIE_GAP, Completion, Reference, compare, completions, greedy_reference  # noqa: F401  re-exported
 
 REPO = Path(__file__).resolve().parents[1]
 

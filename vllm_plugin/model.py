@@ -21,6 +21,8 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.quantization.online.base import OnlineQuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsPP
@@ -45,8 +47,25 @@ def make_norm(config: TableFreeConfig) -> nn.Module:
     return LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.norm_bias)
 
 
+def honoured_quantization(quant_config: QuantizationConfig | None) -> QuantizationConfig | None:
+    """Checkpoints of this layout hold unquantized weights (load_weights takes exactly those), so
+    only vLLM's online methods (fp8_per_tensor, ...: weights quantized while loading) can be
+    honoured; a pre-quantized method (gptq, awq, a checkpoint's quantization_config) would expect
+    tensors this layout does not have."""
+    if quant_config is None or isinstance(quant_config, OnlineQuantizationConfig):
+        return quant_config
+    raise ValueError(
+        f"quantization {quant_config.get_name()!r} needs a pre-quantized checkpoint, which the table-free "
+        "layout does not have; serve the unquantized checkpoint, optionally with an online method "
+        "(--quantization fp8_per_tensor, fp8_per_channel or fp8_per_block)"
+    )
+
+
 class TableFreeAttention(nn.Module):
-    def __init__(self, config: TableFreeConfig, cache_config: CacheConfig | None, prefix: str) -> None:
+    def __init__(
+        self, config: TableFreeConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
         super().__init__()
         total_heads = config.num_attention_heads
         tp_size = get_tensor_model_parallel_world_size()
@@ -56,10 +75,12 @@ class TableFreeAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, total_heads, bias=config.attention_bias, prefix=f"{prefix}.qkv_proj"
+            config.hidden_size, self.head_dim, total_heads, bias=config.attention_bias, quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
-            config.hidden_size, config.hidden_size, bias=config.attention_out_bias, prefix=f"{prefix}.o_proj"
+            config.hidden_size, config.hidden_size, bias=config.attention_out_bias, quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = get_rope(
             self.head_dim,
@@ -68,7 +89,8 @@ class TableFreeAttention(nn.Module):
             rope_parameters=config.rope_parameters,  # rope_theta, partial_rotary_factor
         )
         self.attn = Attention(
-            self.num_heads, self.head_dim, self.head_dim**-0.5, cache_config=cache_config, prefix=f"{prefix}.attn"
+            self.num_heads, self.head_dim, self.head_dim**-0.5, cache_config=cache_config, quant_config=quant_config,
+            prefix=f"{prefix}.attn",
         )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -80,14 +102,16 @@ class TableFreeAttention(nn.Module):
 
 
 class TableFreeMLP(nn.Module):
-    def __init__(self, config: TableFreeConfig, prefix: str) -> None:
+    def __init__(self, config: TableFreeConfig, quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
         self.up_proj = ColumnParallelLinear(
-            config.hidden_size, config.intermediate_size, bias=config.mlp_bias, prefix=f"{prefix}.up_proj"
+            config.hidden_size, config.intermediate_size, bias=config.mlp_bias, quant_config=quant_config,
+            prefix=f"{prefix}.up_proj",
         )
         self.act = get_act_fn(config.hidden_act)
         self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, prefix=f"{prefix}.down_proj"
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,12 +121,15 @@ class TableFreeMLP(nn.Module):
 
 
 class TableFreeBlock(nn.Module):
-    def __init__(self, config: TableFreeConfig, cache_config: CacheConfig | None, prefix: str) -> None:
+    def __init__(
+        self, config: TableFreeConfig, cache_config: CacheConfig | None, quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
         super().__init__()
         self.input_layernorm = make_norm(config)
-        self.self_attn = TableFreeAttention(config, cache_config, prefix=f"{prefix}.self_attn")
+        self.self_attn = TableFreeAttention(config, cache_config, quant_config, prefix=f"{prefix}.self_attn")
         self.post_attention_layernorm = make_norm(config)
-        self.mlp = TableFreeMLP(config, prefix=f"{prefix}.mlp")
+        self.mlp = TableFreeMLP(config, quant_config, prefix=f"{prefix}.mlp")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x))
@@ -114,19 +141,20 @@ class TableFreeModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: TableFreeConfig = vllm_config.model_config.hf_config
+        quant_config = honoured_quantization(vllm_config.quant_config)
         self.code_dtype = vllm_config.model_config.dtype
         self.input_kind = config.input_kind
         if config.input_kind == "codes":
             self.codes = TokenCoder(TokenCode.from_config(config))  # 32 integers, on every rank
         elif get_pp_group().is_first_rank:
             self.embed_tokens = VocabParallelEmbedding(
-                config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens"
+                config.vocab_size, config.hidden_size, quant_config=quant_config, prefix=f"{prefix}.embed_tokens"
             )
         else:
             self.embed_tokens = PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
-            lambda prefix: TableFreeBlock(config, vllm_config.cache_config, prefix),
+            lambda prefix: TableFreeBlock(config, vllm_config.cache_config, quant_config, prefix),
             prefix=f"{prefix}.layers",
         )
         if get_pp_group().is_last_rank:
@@ -174,7 +202,8 @@ class TableFreeForCausalLM(nn.Module, SupportsPP):
         self.model = TableFreeModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
-                config.vocab_size, config.hidden_size, bias=config.lm_head_bias, prefix=maybe_prefix(prefix, "lm_head")
+                config.vocab_size, config.hidden_size, bias=config.lm_head_bias,
+                quant_config=honoured_quantization(vllm_config.quant_config), prefix=maybe_prefix(prefix, "lm_head"),
             )
         else:
             self.lm_head = PPMissingLayer()
