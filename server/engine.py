@@ -39,7 +39,7 @@ def device_defaults(platform, args: argparse.Namespace, settings: ServerSettings
         return {"enforce_eager": False} if args.enforce_eager is UNSET else {}
     defaults = {}
     if args.enforce_eager is UNSET:
-        defaults["enforce_eager"] = True  # see bench/README.md: compiled decode is no faster on CPU
+        defaults["enforce_eager"] = True  # bench/README.md: compiled gains <= 10% on CPU for +80-105 s per cold start
     if args.kv_cache_memory_bytes is UNSET:
         defaults["kv_cache_memory_bytes"] = int(settings.kv_cache_gb * (1 << 30))
     return defaults

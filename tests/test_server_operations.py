@@ -125,11 +125,25 @@ def stream_outcome(lines: list[str]) -> str:
     return "complete" if last["choices"][0]["finish_reason"] else f"no finish_reason: {last}"
 
 
+@pytest.fixture
+def spawn():
+    """Starts ServerProcesses that are stopped at teardown even when the test fails first."""
+    servers: list[ServerProcess] = []
+
+    def start(*args, **kwargs) -> ServerProcess:
+        servers.append(ServerProcess(*args, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_drains_streams_then_exits_0_leaving_no_process(slow_checkpoint, sig):
+def test_a_signal_drains_streams_then_exits_0_leaving_no_process(spawn, slow_checkpoint, sig):
     timeout = 4
     port = free_port()
-    server = ServerProcess(serve_cmd(slow_checkpoint, port, "--shutdown-timeout", str(timeout)), port, MULTIPROCESS)
+    server = spawn(serve_cmd(slow_checkpoint, port, "--shutdown-timeout", str(timeout)), port, MULTIPROCESS)
     server.wait_healthy()
     group = session_processes(server.proc.pid)
     assert len(group) > 1  # the engine core runs in processes of its own
@@ -164,9 +178,9 @@ def test_a_signal_drains_streams_then_exits_0_leaving_no_process(slow_checkpoint
     assert not alive, alive
 
 
-def test_a_dead_engine_means_503_then_exit_1(tiny_checkpoint):
+def test_a_dead_engine_means_503_then_exit_1(spawn, tiny_checkpoint):
     port = free_port()
-    server = ServerProcess(serve_cmd(tiny_checkpoint, port), port, MULTIPROCESS)
+    server = spawn(serve_cmd(tiny_checkpoint, port), port, MULTIPROCESS)
     server.wait_healthy()
     core = next(p for p in session_processes(server.proc.pid) if "EngineCore" in p.name())
     killed = time.monotonic()
@@ -186,10 +200,10 @@ def test_a_dead_engine_means_503_then_exit_1(tiny_checkpoint):
     assert not alive, alive
 
 
-def test_sigterm_during_start_up_stops_the_server(slow_checkpoint):
+def test_sigterm_during_start_up_stops_the_server(spawn, slow_checkpoint):
     """As PID 1 in a container an unhandled SIGTERM is ignored; the server must stop while it loads."""
     port = free_port()
-    server = ServerProcess(serve_cmd(slow_checkpoint, port), port, MULTIPROCESS)
+    server = spawn(serve_cmd(slow_checkpoint, port), port, MULTIPROCESS)
     deadline = time.monotonic() + 120
     while not any("EngineCore" in p.name() for p in session_processes(server.proc.pid)):  # loading has begun
         assert time.monotonic() < deadline and server.proc.poll() is None, server.output()[-3000:]
