@@ -19,6 +19,7 @@ from .conftest import auth
 from .live_server import wait_for_metric
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.serial  # timing-sensitive: run alone (README's test command)
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]

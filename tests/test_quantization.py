@@ -39,9 +39,7 @@ def test_pre_quantized_method_is_refused_at_start(tiny_checkpoint, tmp_path):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
                                      "sym": True}
     (checkpoint / "config.json").write_text(json.dumps(config))
-    proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", str(checkpoint), "--port", str(free_port()), "--dtype", "bfloat16"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    serve = [sys.executable, "-m", "server.cli", "serve", str(checkpoint), "--port", str(free_port())]
+    proc = subprocess.run([*serve, "--dtype", "bfloat16"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "quantization 'auto_gptq' needs a pre-quantized checkpoint" in proc.stdout + proc.stderr

@@ -20,6 +20,7 @@ from .live_server import free_port, live_server
 from .parity import generate_in_subprocess
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.serial  # timing-sensitive: run alone (README's test command)
 
 
 @pytest.fixture(scope="module")

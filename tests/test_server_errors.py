@@ -18,6 +18,7 @@ from .conftest import KEY, auth
 from .live_server import free_port, live_server, metric, wait_for_metric
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.serial  # timing-sensitive: run alone (README's test command)
 
 X = {"model": "tiny", "prompt": "x"}
 BIG = "x" * (5 << 20)

@@ -14,6 +14,7 @@ from .live_server import wait_for_metric
 from .parity import TIE_GAP, generate_in_subprocess
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.serial  # timing-sensitive: run alone (README's test command)
 
 LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=None)
 

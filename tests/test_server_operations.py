@@ -20,6 +20,7 @@ from .conftest import auth, serve_cmd, tablefree
 from .live_server import ServerProcess, free_port, live_server, session_processes, wait_for_metric
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.serial  # timing-sensitive: run alone (README's test command)
 
 LONG = {"prompt": "x", "max_tokens": 500, "ignore_eos": True}
 MULTIPROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the engine in its own process, as in production

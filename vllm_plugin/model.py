@@ -3,8 +3,9 @@
 Mirrors model_impl/modeling_tablefree.py module for module, every config choice included
 (norms, biases, GELU variant, rotary style and dimension). The input side is model_impl's
 TokenCoder, so each rank computes its codes from the ids on its own device: no table, no
-communication; the learned-table baseline (input_kind "table") uses VocabParallelEmbedding. (No `from __future__ import annotations`: vLLM's compile
-decorator reads the forward's annotations at import time.)
+communication; the learned-table baseline (input_kind "table") uses VocabParallelEmbedding.
+--quantization reaches every linear layer, as in vLLM's in-tree models. (No `from __future__
+import annotations`: vLLM's compile decorator reads the forward's annotations at import time.)
 """
 
 
