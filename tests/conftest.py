@@ -13,6 +13,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (the README's test command) each worker and every process it starts keep
+    # to a core of their own: vLLM's CPU engine would otherwise bind its OpenMP threads to the same
+    # cores in both workers, where they spin against each other.
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[int(worker.removeprefix("gw")) % len(cores)]
+    os.sched_setaffinity(0, {core})
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(core))
+
 REPO = Path(__file__).resolve().parents[1]
 
 
