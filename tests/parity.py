@@ -87,15 +87,22 @@ def run_in_subprocess(checkpoint, prompts, env: dict | None = None, **engine) ->
     default engine; every other setting gets a fresh process.
     """
     request = {"checkpoint": str(checkpoint), "prompts": prompts, "engine": engine}
+    lines = run_module("tests.vllm_generate", request, ("ENGINE", "RESULT"), env)
+    got = [(tokens, [{int(t): lp for t, lp in step.items()} for step in tops]) for tokens, tops in lines["RESULT"]]
+    return EngineRun(got, lines["ENGINE"])
+
+
+def run_module(module: str, request: dict, tags: tuple[str, ...], env: dict | None = None) -> dict:
+    """`python -m module '<request as JSON>'` from the repository root: the JSON of the lines it
+    prints as `TAG <json>` for each of `tags` (EngineFailed with all its output if it fails)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.vllm_generate", json.dumps(request)],
+        [sys.executable, "-m", module, json.dumps(request)],
         cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
     )
     if proc.returncode:
         raise EngineFailed(proc.stdout + proc.stderr)
-    lines = {line[:6]: json.loads(line[7:]) for line in proc.stdout.splitlines() if line[:7] in ("ENGINE ", "RESULT ")}
-    got = [(tokens, [{int(t): lp for t, lp in step.items()} for step in tops]) for tokens, tops in lines["RESULT"]]
-    return EngineRun(got, lines["ENGINE"])
+    tagged = (line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in tags)
+    return {tag: json.loads(body) for tag, body in tagged}
 
 
 def generate_in_subprocess(checkpoint, prompts, env: dict | None = None, **engine) -> list[Completion]:

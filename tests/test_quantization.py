@@ -1,19 +1,17 @@
 """--quantization reaches the plugin's layers; a method it cannot honour is refused at start."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 from .live_server import free_port
-from .parity import REPO
+from .parity import REPO, run_module
 
 
 def quant_methods(checkpoint, **engine) -> dict[str, str]:
     request = {"model": str(checkpoint), "dtype": "bfloat16", "enforce_eager": True, **engine}
-    proc = subprocess.run([sys.executable, "-m", "tests.vllm_layers", json.dumps(request)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("LAYERS ")))
+    return run_module("tests.vllm_layers", request, ("LAYERS",))["LAYERS"]
 
 
 def test_online_fp8_reaches_every_linear_layer(tiny_checkpoint):
@@ -34,7 +32,7 @@ def test_pre_quantized_method_is_refused_at_start(tiny_checkpoint, tmp_path):
     """A checkpoint that says it is GPTQ-quantized (config.json's quantization_config): the server
     stops at start naming the method, instead of loading tensors that cannot be there."""
     checkpoint = tmp_path / "gptq"
-    subprocess.run(["cp", "-r", str(tiny_checkpoint), str(checkpoint)], check=True)
+    shutil.copytree(tiny_checkpoint, checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
                                      "sym": True}

@@ -204,7 +204,8 @@ class TableFreeForCausalLM(nn.Module, SupportsPP):
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
                 config.vocab_size, config.hidden_size, bias=config.lm_head_bias,
-                quant_config=honoured_quantization(vllm_config.quant_config), prefix=maybe_prefix(prefix, "lm_head"),
+                quant_config=vllm_config.quant_config,  # TableFreeModel has refused what cannot be honoured
+                prefix=maybe_prefix(prefix, "lm_head"),
             )
         else:
             self.lm_head = PPMissingLayer()
